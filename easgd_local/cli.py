@@ -1,0 +1,159 @@
+"""`easgd-local`: the command line. Maps flags onto TrainConfig; the only module that prints."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .config import ALGOS, ConfigError, TrainConfig
+
+# typer re-exports BadParameter but not its base, the usage error that every flag-parsing
+# failure raises (from click, or from the copy of click that newer typer releases carry).
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Elastic Averaging SGD on one machine: several GPUs or CPU processes.")
+
+Algo = enum.Enum("Algo", {a: a for a in ALGOS}, type=str)
+# Choices are listed here rather than imported from data/models so that `--help` and flag
+# parsing stay fast; tests check the lists agree.
+DATASET_CHOICES = ("mnist10k", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+MODEL_CHOICES = ("cnn", "cifar-paper", "resnet18")
+Dataset = enum.Enum("Dataset", {d: d for d in DATASET_CHOICES}, type=str)
+Model = enum.Enum("Model", {m: m for m in MODEL_CHOICES}, type=str)
+
+ALGO_PANEL, DATA_PANEL, SYSTEM_PANEL, OUTPUT_PANEL = "Algorithm", "Data", "System", "Output"
+
+
+@app.callback()
+def _root() -> None:
+    """Elastic Averaging SGD on one machine: several GPUs or CPU processes."""
+
+
+@app.command()
+def train(
+    algo: Annotated[Algo, typer.Option(help="easgd, eamsgd (Nesterov momentum), or the one-worker references sgd, msgd.", rich_help_panel=ALGO_PANEL)] = Algo.easgd,
+    lr: Annotated[float, typer.Option(help="Learning rate eta.", rich_help_panel=ALGO_PANEL)] = TrainConfig.lr,
+    tau: Annotated[int, typer.Option(help="Communication period: an elastic exchange every tau local steps.", rich_help_panel=ALGO_PANEL)] = TrainConfig.tau,
+    beta: Annotated[Optional[float], typer.Option(help="Moving rate as beta = workers * alpha, in (0, 1]. [default: 0.9]", rich_help_panel=ALGO_PANEL)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Moving rate alpha given directly (instead of --beta).", rich_help_panel=ALGO_PANEL)] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="Nesterov momentum delta for eamsgd and msgd. [default: 0.9]", rich_help_panel=ALGO_PANEL)] = None,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.", rich_help_panel=ALGO_PANEL)] = TrainConfig.weight_decay,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights; worker r orders its data with seed + r.", rich_help_panel=ALGO_PANEL)] = TrainConfig.seed,
+    steps: Annotated[Optional[int], typer.Option(help="Stop after this many local steps per worker.", rich_help_panel=ALGO_PANEL)] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the training set by all workers together. [default: 6 when no stop is given]", rich_help_panel=ALGO_PANEL)] = None,
+    time_limit: Annotated[Optional[float], typer.Option(help="Stop after this many seconds of training (start-up not counted).", rich_help_panel=ALGO_PANEL)] = None,
+    dataset: Annotated[Dataset, typer.Option(help="Data set. mnist10k ships with the package; the others are read from --data-dir.", rich_help_panel=DATA_PANEL)] = Dataset.mnist10k,
+    data_dir: Annotated[Path, typer.Option(help="Root of the torchvision data sets (imagefolder: the directory holding train/ and val/).", rich_help_panel=DATA_PANEL)] = TrainConfig.data_dir,
+    download: Annotated[bool, typer.Option("--download", help="Download the data set into --data-dir if missing.", rich_help_panel=DATA_PANEL)] = False,
+    model: Annotated[Model, typer.Option(help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18.", rich_help_panel=DATA_PANEL)] = Model.cnn,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes. [default: one per device; 2 on a CPU-only machine]", rich_help_panel=SYSTEM_PANEL)] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu; workers are dealt round-robin. [default: every visible GPU, else cpu]", rich_help_panel=SYSTEM_PANEL)] = None,
+    lock: Annotated[bool, typer.Option("--lock/--no-lock", help="Guard the center update with a lock; --no-lock runs Hogwild-style.", rich_help_panel=SYSTEM_PANEL)] = True,
+    eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center during training.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_every,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory. [default: runs/<timestamp>-<algo>-p<workers>]", rich_help_panel=OUTPUT_PANEL)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.", rich_help_panel=OUTPUT_PANEL)] = False,
+) -> None:
+    """Train a model with EASGD (or a reference) and evaluate the center against wall-clock time."""
+    from .launcher import train as run_training
+
+    config = TrainConfig(
+        algo=algo.value, lr=lr, tau=tau, beta=beta, alpha=alpha, momentum=momentum,
+        weight_decay=weight_decay, batch_size=batch_size, seed=seed, lock=lock, steps=steps,
+        epochs=epochs, time_limit=time_limit, dataset=dataset.value, data_dir=data_dir,
+        download=download, model=model.value, workers=workers,
+        devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
+        eval_every=eval_every, out=out, quiet=quiet)
+    reporter = None if quiet else ProgressReporter()
+    summary = run_training(config, reporter)
+    if not quiet:
+        print_summary(summary, config.out)
+
+
+class ProgressReporter:
+    """A tqdm bar over training samples with samples/s and the last center accuracy."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def started(self, config: TrainConfig, total_samples: int | None) -> None:
+        from tqdm import tqdm
+
+        typer.echo(f"{config.algo}: {config.workers} worker(s) on {','.join(config.devices)}, "
+                   f"alpha={config.resolved_alpha:g} tau={config.tau} lr={config.lr:g}, "
+                   f"until {config.stop_rule()}; writing {config.out}", err=True)
+        self.bar = tqdm(total=total_samples, unit="sample", unit_scale=True, dynamic_ncols=True,
+                        file=sys.stderr, mininterval=0.5)
+
+    def progress(self, samples: int, elapsed: float, accuracy: float | None) -> None:
+        # tqdm's own rate column is the samples/s; update() redraws at most every mininterval.
+        if self.bar is not None and samples > self.bar.n:
+            self.bar.update(samples - self.bar.n)
+
+    def evaluated(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({"center acc": f"{record['test_accuracy']:.4f}"}, refresh=False)
+
+    def finished(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def print_summary(summary: dict[str, Any], out: Path | None) -> None:
+    rows = [
+        ("algorithm", f"{summary['algo']} (p={summary['workers']}, tau={summary['tau']}, alpha={summary['alpha']:g})"),
+        ("devices", ", ".join(summary["devices"])),
+        ("center test accuracy", f"{summary['final_test_accuracy']:.4f}"),
+        ("center test loss", f"{summary['final_test_loss']:.4f}"),
+        ("training time", f"{summary['train_seconds']:.1f} s (+ {summary['startup_seconds']:.1f} s start-up)"),
+        ("samples", f"{summary['total_samples']:,} ({summary['samples_per_second']:,.0f}/s)"),
+        ("exchanges", f"{summary['exchanges']:,} ({summary['bytes_exchanged'] / 1e6:,.1f} MB, "
+                      f"{100 * summary['exchange_fraction']:.1f}% of worker time)"),
+        ("output", str(out)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: every usage or input error is one line on stderr and exit code 2."""
+    from .data import DataError
+    from .launcher import TrainError
+    from .output import OutputError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="easgd-local", standalone_mode=False)
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError" and getattr(e, "ctx", None) is not None:
+            typer.echo(e.ctx.get_help())
+            return 0
+        typer.echo(f"error: {_one_line(e.format_message())}", err=True)
+        return 2
+    except (ConfigError, DataError, OutputError) as e:
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
+        return 2
+    except TrainError as e:
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
+        return 1
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("interrupted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Run configuration: one dataclass, every field with a default and a one-line doc.
+
+The CLI only maps flags onto :class:`TrainConfig`; every check of a value lives in
+:meth:`TrainConfig.validate`, which raises :class:`ConfigError` with one readable line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Algorithms that keep a center variable and the ones that run a single worker without one.
+CENTER_ALGOS = ("easgd", "eamsgd")
+SINGLE_ALGOS = ("sgd", "msgd")
+ALGOS = CENTER_ALGOS + SINGLE_ALGOS
+MOMENTUM_ALGOS = ("eamsgd", "msgd")
+
+DEFAULT_MOMENTUM = 0.9  # used by eamsgd/msgd when --momentum is not given
+
+
+class ConfigError(ValueError):
+    """An invalid setting; ``str(error)`` is one line meant for the user."""
+
+
+@dataclass
+class TrainConfig:
+    # Algorithm
+    algo: str = "easgd"  # easgd | eamsgd | sgd | msgd
+    lr: float = 0.05  # learning rate eta
+    tau: int = 10  # communication period: an elastic exchange every tau local steps
+    beta: float | None = None  # moving rate parameterised as beta = workers * alpha (paper: 0.9)
+    alpha: float | None = None  # moving rate given directly (exclusive with beta)
+    momentum: float | None = None  # Nesterov momentum delta (eamsgd, msgd); default 0.9 there
+    weight_decay: float = 0.0  # L2 penalty added to the gradient
+    batch_size: int = 64  # per-worker mini-batch
+    seed: int = 0  # initial weights; worker r draws its data order from seed + r
+    lock: bool = True  # guard the center update with a lock (False: Hogwild-style)
+    # Stop condition (the first one reached ends the run; none given -> the default epochs)
+    steps: int | None = None  # local steps per worker
+    epochs: float | None = None  # passes over the training set by all workers together
+    time_limit: float | None = None  # seconds of training (start-up excluded)
+    # Data and model
+    dataset: str = "mnist10k"
+    data_dir: Path = Path("datasets")
+    download: bool = False
+    model: str = "cnn"
+    # System
+    workers: int | None = None  # None: one per device (2 on a CPU-only machine)
+    devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"] or ["cpu"]; None: all GPUs, else cpu
+    eval_every: float = 2.0  # seconds between evaluations of the center while training
+    eval_batch_size: int = 1000
+    # Output
+    out: Path | None = None  # None: runs/<timestamp>-<algo>-p<workers>
+    quiet: bool = False
+
+    # Filled by validate(): the resolved values the run actually uses.
+    resolved_alpha: float = field(default=0.0, init=False)
+    resolved_momentum: float = field(default=0.0, init=False)
+    worker_devices: list[str] = field(default_factory=list, init=False)
+
+    DEFAULT_EPOCHS = 6.0
+    DEFAULT_BETA = 0.9
+
+    @property
+    def has_center(self) -> bool:
+        return self.algo in CENTER_ALGOS
+
+    def validate(self, cuda_count: int | None = None) -> "TrainConfig":
+        """Check every value and resolve defaults that depend on others. Returns self."""
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
+        _positive("--lr", self.lr)
+        if self.tau < 1:
+            raise ConfigError(f"--tau must be >= 1 (got {self.tau})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.eval_every <= 0:
+            raise ConfigError(f"--eval-every must be > 0 seconds (got {self.eval_every})")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"--eval-batch-size must be >= 1 (got {self.eval_batch_size})")
+        for flag, value in (("--steps", self.steps), ("--epochs", self.epochs),
+                            ("--time-limit", self.time_limit)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{flag} must be > 0 (got {value})")
+
+        if self.momentum is not None:
+            if self.algo not in MOMENTUM_ALGOS:
+                raise ConfigError(f"--momentum applies to eamsgd and msgd, not {self.algo}")
+            if not 0 <= self.momentum < 1:
+                raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        self.resolved_momentum = (
+            (DEFAULT_MOMENTUM if self.momentum is None else self.momentum)
+            if self.algo in MOMENTUM_ALGOS else 0.0)
+
+        self._resolve_devices(_cuda_count() if cuda_count is None else cuda_count)
+        self._resolve_alpha()
+        return self
+
+    def _resolve_devices(self, cuda_count: int) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
+        if self.algo in SINGLE_ALGOS:
+            if self.workers not in (None, 1):
+                raise ConfigError(f"--algo {self.algo} runs one worker (got --workers {self.workers})")
+            self.workers = 1
+        devices = self.devices
+        if not devices:
+            devices = [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"]
+            if self.devices is None and self.workers is not None:
+                devices = devices[: self.workers]
+        for d in devices:
+            _check_device(d, cuda_count)
+        if self.workers is None:
+            self.workers = len(devices) if devices != ["cpu"] else 2
+        self.devices = devices
+        # Workers are dealt round-robin over the devices; several may share one GPU.
+        self.worker_devices = [devices[r % len(devices)] for r in range(self.workers)]
+
+    def _resolve_alpha(self) -> None:
+        if self.alpha is not None and self.beta is not None:
+            raise ConfigError("give --alpha or --beta, not both")
+        if self.alpha is not None:
+            if not 0 < self.alpha <= 1:
+                raise ConfigError(f"--alpha must be in (0, 1] (got {self.alpha})")
+            self.resolved_alpha = self.alpha
+        else:
+            beta = self.DEFAULT_BETA if self.beta is None else self.beta
+            if not 0 < beta <= 1:
+                raise ConfigError(f"--beta must be in (0, 1] (got {beta})")
+            self.resolved_alpha = beta / self.workers
+        if not self.has_center:
+            self.resolved_alpha = 0.0
+
+    def stop_rule(self) -> str:
+        """A one-line description of when the run ends."""
+        parts = []
+        if self.steps is not None:
+            parts.append(f"{self.steps} steps/worker")
+        if self.epochs is not None:
+            parts.append(f"{self.epochs:g} epochs")
+        if self.time_limit is not None:
+            parts.append(f"{self.time_limit:g} s")
+        return " or ".join(parts) or f"{self.DEFAULT_EPOCHS:g} epochs"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        for k in ("data_dir", "out"):
+            if kwargs.get(k) is not None:
+                kwargs[k] = Path(kwargs[k])
+        return cls(**kwargs)
+
+
+def _positive(flag: str, value: float) -> None:
+    if not value > 0:  # also rejects NaN
+        raise ConfigError(f"{flag} must be > 0 (got {value})")
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_device(device: str, cuda_count: int) -> None:
+    if device == "cpu":
+        return
+    if device.startswith("cuda"):
+        if cuda_count == 0:
+            raise ConfigError(f"device {device} requested but CUDA is not available on this machine")
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit() or int(index) >= cuda_count:
+            raise ConfigError(f"device {device} does not exist (this machine has {cuda_count} GPU(s))")
+        return
+    raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+
+
+def cpu_threads_per_worker(config: TrainConfig) -> int:
+    """Split the machine's cores between the CPU workers (at least one thread each)."""
+    n_cpu = sum(1 for d in config.worker_devices if d == "cpu")
+    return max(1, (os.cpu_count() or 1) // max(1, n_cpu))

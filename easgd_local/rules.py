@@ -1,0 +1,95 @@
+"""Update rules of EASGD and EAMSGD on flat tensors. Pure functions: no processes, no locks.
+
+Notation of Zhang, Choromanska and LeCun (2015): worker parameters x, center x~, learning
+rate eta, moving rate alpha, Nesterov momentum delta, gradient g.
+
+Asynchronous EASGD (Algorithm 1), every tau local steps::
+
+    d   = alpha * (x - x~)
+    x  -= d              # the worker moves toward the center
+    x~ += d              # the center moves toward the worker (an addition, so concurrent
+                         # exchanges of other workers are kept)
+and at every step, with the gradient taken at the pre-exchange x::
+
+    x  -= eta * g(x)
+
+EAMSGD (Algorithm 2) replaces the local step by Nesterov momentum::
+
+    v   = delta * v - eta * g(x + delta * v)
+    x  += v
+
+Storage convention. A worker's flat buffer ``y`` holds the point where the next gradient is
+taken, the look-ahead ``y = x + delta * v``; that is what the model's parameters see, so a
+forward/backward pass needs no shifting of weights. With delta = 0 (EASGD, SGD) y is x itself.
+The elastic difference is always computed from ``x = y - delta * v``, and since the exchange
+leaves v untouched, moving x by -d moves y by -d. The reference in ``rules_reference.py``
+keeps x and v literally as the paper writes them; tests check both agree step for step.
+
+The flat buffer may hold more entries than there are parameters: floating-point buffers of
+the model (batch-norm running statistics) follow the parameters, take part in the elastic
+exchange, and are left alone by the gradient step. ``n`` below is the number of parameter
+entries, the length of the gradient and of v.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def elastic_difference(y: Tensor, center: Tensor, alpha: float, *, v: Tensor | None = None,
+                       momentum: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """d = alpha * (x - center) with x = y - momentum * v on the first len(v) entries.
+
+    ``center`` may be a copy of the center on y's device or the center itself when both are
+    on the CPU. Returns ``out`` (allocated when None).
+    """
+    d = torch.sub(y, center, out=out)
+    if v is not None and momentum:
+        d[: v.numel()].sub_(v, alpha=momentum)
+    return d.mul_(alpha)
+
+
+@torch.no_grad()
+def elastic_exchange_(y: Tensor, center: Tensor, alpha: float, *, v: Tensor | None = None,
+                      momentum: float = 0.0) -> Tensor:
+    """The whole exchange when worker and center share a device and a process: y -= d, center += d."""
+    d = elastic_difference(y, center, alpha, v=v, momentum=momentum)
+    y.sub_(d)
+    center.add_(d)
+    return d
+
+
+@torch.no_grad()
+def local_step_(y: Tensor, grad: Tensor, lr: float, *, v: Tensor | None = None,
+                momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    """One local step on the first ``grad.numel()`` entries of ``y``, gradient taken at y.
+
+    momentum = 0 (v may be None): plain SGD, y -= lr * g.
+    momentum > 0: Nesterov momentum of EAMSGD in look-ahead form. With v' = delta*v - lr*g,
+    x' = x + v' and y' = x' + delta*v', so y' = y + v' + delta*(v' - v), i.e.
+    y += (1 + delta) * v' - delta * v.
+    """
+    n = grad.numel()
+    p = y[:n]
+    if weight_decay:
+        # L2 penalty: its gradient at the evaluation point y joins the loss gradient.
+        grad = grad.add(p, alpha=weight_decay)
+    if not momentum:
+        p.add_(grad, alpha=-lr)
+        return
+    assert v is not None, "momentum needs a velocity buffer"
+    p.sub_(v, alpha=momentum)  # back to x
+    v.mul_(momentum).add_(grad, alpha=-lr)  # v'
+    p.add_(v, alpha=1.0 + momentum)  # y' = x + v' + delta*v'
+
+
+@torch.no_grad()
+def current_x(y: Tensor, v: Tensor | None, momentum: float) -> Tensor:
+    """The iterate x = y - delta * v (a new tensor); y itself when there is no momentum."""
+    if v is None or not momentum:
+        return y
+    x = y.clone()
+    x[: v.numel()].sub_(v, alpha=momentum)
+    return x

@@ -1,0 +1,162 @@
+"""One worker process: its device, its data order, its local steps, an exchange every tau.
+
+Imports stay lean (torch, numpy, this package's data and model code; torchvision only when
+a data set or model needs it): every spawned worker pays its own start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import rules
+from .center import CenterLink, SharedCenter
+from .config import TrainConfig, cpu_threads_per_worker
+from .flat import check_views, flatten_
+
+log = logging.getLogger(__name__)
+
+PARENT_CHECK_EVERY = 50  # steps between checks that the main process is still alive
+
+
+@dataclass
+class WorkerChannels:
+    """What the main process shares with every worker (all picklable for spawn)."""
+
+    center: SharedCenter
+    steps: torch.Tensor  # int64 [workers]: local steps done, written by each worker
+    losses: torch.Tensor  # float64 [workers]: mean training loss since the last report
+    messages: Any  # Queue: ("ready", rank, train_size) | ("done", rank, stats) | ("error", rank, text)
+    go: Any  # Event: set by the main process when every worker is ready
+    stop: Any  # Event: set by the main process to end training
+
+
+def steps_budget(config: TrainConfig, train_size: int) -> int | None:
+    """Local steps per worker implied by --steps and --epochs (the smaller), None if neither."""
+    budgets = []
+    if config.steps is not None:
+        budgets.append(config.steps)
+    epochs = config.epochs
+    if epochs is None and config.steps is None and config.time_limit is None:
+        epochs = config.DEFAULT_EPOCHS
+    if epochs is not None:
+        # An epoch is one pass over the training set by all workers together.
+        budgets.append(max(1, math.ceil(epochs * train_size / (config.workers * config.batch_size))))
+    return min(budgets) if budgets else None
+
+
+def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int,
+               image_size: int) -> None:
+    """Entry point of a spawned worker. Reports errors to the main process instead of raising."""
+    try:
+        stats = _train(rank, config, ch, parent_pid, image_size)
+        ch.messages.put(("done", rank, stats))
+    except _ParentGone:
+        pass
+    except BaseException as e:  # report everything, including KeyboardInterrupt, then exit
+        if not isinstance(e, KeyboardInterrupt):
+            ch.messages.put(("error", rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+
+
+class _ParentGone(Exception):
+    pass
+
+
+def _check_parent(parent_pid: int) -> None:
+    # A worker re-parented away from the main process means the main process died.
+    if os.getppid() != parent_pid:
+        raise _ParentGone()
+
+
+def _wait(event: Any, parent_pid: int) -> None:
+    while not event.wait(0.5):
+        _check_parent(parent_pid)
+
+
+def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, image_size: int) -> dict:
+    from .data import load_split
+    from .models import build_model
+
+    device = torch.device(config.worker_devices[rank])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads_per_worker(config))
+    torch.manual_seed(config.seed + rank)  # dropout and other model randomness
+
+    data = load_split(config.dataset, config.data_dir, train=True, device=device,
+                      image_size=image_size)
+    model = build_model(config.model, data.info)
+    state = flatten_(model, device)
+    model.train()
+    link = CenterLink(ch.center, device)
+    link.pull(state.flat)  # x^i = x~ at start
+
+    momentum = config.resolved_momentum
+    v = torch.zeros(state.n_params, device=device) if momentum else None
+    alpha = config.resolved_alpha
+    budget = steps_budget(config, len(data))
+    report_every = config.tau
+    gen = torch.Generator().manual_seed(config.seed + rank)  # this worker's data order
+
+    ch.messages.put(("ready", rank, len(data)))
+    _wait(ch.go, parent_pid)
+
+    step = 0
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    exchange_time = 0.0
+    t0 = time.perf_counter()
+    running = True
+    while running:
+        epoch_start = step
+        for x, y in data.batches(config.batch_size, generator=gen):
+            if config.has_center and step % config.tau == 0:
+                te = time.perf_counter()
+                link.exchange(state.flat, alpha, v=v, momentum=momentum)
+                exchange_time += time.perf_counter() - te
+            state.grad.zero_()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rules.local_step_(state.flat, state.grad, config.lr, v=v, momentum=momentum,
+                              weight_decay=config.weight_decay)
+            loss_sum += loss.detach()
+            loss_count += 1
+            step += 1
+            ch.steps[rank] = step
+            if step == 1 and not check_views(state):
+                raise RuntimeError(f"model {config.model} detached its parameters from the flat buffer")
+            if step % report_every == 0:
+                # .item() waits for the device; done once per period, not per step.
+                ch.losses[rank] = loss_sum.item() / loss_count
+                loss_sum.zero_()
+                loss_count = 0
+                if not config.has_center:
+                    link.publish(rules.current_x(state.flat, v, momentum))
+            if step % PARENT_CHECK_EVERY == 0:
+                _check_parent(parent_pid)
+            if (budget is not None and step >= budget) or ch.stop.is_set():
+                running = False
+                break
+        if step == epoch_start and running:
+            raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(data)} training samples")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_time = time.perf_counter() - t0
+    if loss_count:
+        ch.losses[rank] = loss_sum.item() / loss_count
+    if not config.has_center:
+        link.publish(rules.current_x(state.flat, v, momentum))
+    link.close()
+    return {"steps": step, "samples": step * config.batch_size, "exchanges": link.exchanges,
+            "bytes_exchanged": link.bytes, "exchange_seconds": exchange_time,
+            "train_seconds": train_time}
+

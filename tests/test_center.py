@@ -1,0 +1,118 @@
+"""The shared center seen from several spawned processes; no exchange lost under the lock."""
+
+import gc
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from easgd_local.center import CenterLink, SharedCenter
+
+N = 1 << 18  # big enough that an unguarded += of two processes would overlap in time
+
+
+def _shm():
+    return set(os.listdir("/dev/shm"))
+
+
+def _add_ones(center: SharedCenter, times: int) -> None:
+    ones = torch.ones(center.numel)
+    for _ in range(times):
+        center.add_(ones)
+
+
+def _exchanges(center: SharedCenter, rank: int, times: int, result) -> None:
+    """Alternate drift (as local steps would) and real exchanges; report y and total drift."""
+    torch.set_num_threads(1)
+    link = CenterLink(center, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(rank)
+    y = torch.randn(center.numel, generator=gen) * 10
+    y0 = y.clone()
+    drift = torch.zeros(center.numel)
+    for _ in range(times):
+        step = torch.randn(center.numel, generator=gen)
+        y += step
+        drift += step
+        link.exchange(y, alpha=0.5)
+    # numpy arrays travel by value; tensors would be shared by a descriptor of this process,
+    # which is gone by the time the test reads them.
+    result.put((rank, y0.numpy(), y.numpy(), drift.numpy(), link.exchanges, link.bytes))
+
+
+def _write_pattern(center: SharedCenter, value: float) -> None:
+    center.data.fill_(value)
+
+
+def _run(target, args_list, collect=None):
+    """Run one spawned process per args; ``collect()`` reads their results before the join
+    (a child that queued a large result cannot exit until it is read)."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args) for args in args_list]
+    for p in procs:
+        p.start()
+    got = collect() if collect else None
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return got
+
+
+def test_children_see_and_write_the_same_center():
+    before = _shm()
+    ctx = mp.get_context("spawn")
+    center = SharedCenter(torch.zeros(N), ctx)
+    _run(_write_pattern, [(center, 3.5)])
+    assert torch.all(center.data == 3.5)
+    del center
+    gc.collect()
+    assert _shm() <= before  # neither the tensor's segment nor the lock's semaphore is left
+
+
+def test_no_lost_addition_under_the_lock():
+    ctx = mp.get_context("spawn")
+    center = SharedCenter(torch.zeros(N), ctx, lock=True)
+    procs, times = 3, 300
+    _run(_add_ones, [(center, times)] * procs)
+    # Integers up to 900 are exact in float32: any lost += would show as a smaller value.
+    assert torch.all(center.data == procs * times)
+
+
+def test_exchanges_conserve_the_sum_of_workers_and_center():
+    """Each exchange moves d from the worker to the center, so with every exchange applied
+    whole, center + sum of workers = initial values + all local drift, whatever the interleaving."""
+    ctx = mp.get_context("spawn")
+    c0 = torch.randn(N, generator=torch.Generator().manual_seed(99))
+    center = SharedCenter(c0, ctx, lock=True)
+    result = ctx.Queue()
+    procs, times = 3, 100
+    got = _run(_exchanges, [(center, r, times, result) for r in range(procs)],
+               collect=lambda: [tuple(torch.from_numpy(x) if hasattr(x, "shape") else x
+                                      for x in result.get(timeout=120)) for _ in range(procs)])
+    before = c0.double() + sum(g[1].double() for g in got) + sum(g[3].double() for g in got)
+    after = center.data.double() + sum(g[2].double() for g in got)
+    # Only float32 rounding separates the two sides (a lost exchange would be off by ~|d| ~ 1).
+    assert torch.max(torch.abs(after - before)).item() < 1e-2
+    assert all(g[4] == times and g[5] == times * 2 * N * 4 for g in got)
+
+
+def test_snapshot_is_a_copy():
+    center = SharedCenter(torch.arange(4.0), mp.get_context("spawn"))
+    snap = center.snapshot()
+    center.add_(torch.ones(4))
+    assert torch.equal(snap, torch.arange(4.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_link_registers_shared_pages_and_exchanges():
+    center = SharedCenter(torch.zeros(1024), mp.get_context("spawn"))
+    link = CenterLink(center, torch.device("cuda:0"))
+    try:
+        assert center.data.is_pinned()  # page-locked in place, not a pinned copy
+        y = torch.ones(1024, device="cuda:0")
+        link.exchange(y, alpha=0.5)
+        torch.testing.assert_close(y.cpu(), torch.full((1024,), 0.5))
+        torch.testing.assert_close(center.data, torch.full((1024,), 0.5))
+    finally:
+        link.close()

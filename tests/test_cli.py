@@ -1,0 +1,122 @@
+"""The command line: help, one-line errors with exit code 2, and a shortened default run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from easgd_local import cli, data, models
+from easgd_local.cli import main
+
+from .helpers import assert_no_leftovers, leftovers_snapshot
+
+
+def test_choices_agree_with_the_registries():
+    assert cli.DATASET_CHOICES == data.DATASETS
+    assert cli.MODEL_CHOICES == models.MODELS
+
+
+def test_help_lists_every_option(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--algo", "--lr", "--tau", "--beta", "--alpha", "--momentum", "--weight-decay",
+                 "--batch-size", "--seed", "--steps", "--epochs", "--time-limit", "--dataset",
+                 "--data-dir", "--download", "--model", "--workers", "--devices", "--no-lock",
+                 "--eval-every", "--out", "--quiet"):
+        assert flag in text, flag
+
+
+def test_no_arguments_prints_help(capsys):
+    assert main([]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+BAD = [
+    (["--workers", "0"], "--workers"),
+    (["--tau", "0"], "--tau"),
+    (["--beta", "0"], "--beta"),
+    (["--beta", "1.5"], "--beta"),
+    (["--alpha", "0.1", "--beta", "0.5"], "not both"),
+    (["--alpha", "0"], "--alpha"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--steps", "0"], "--steps"),
+    (["--time-limit", "-1"], "--time-limit"),
+    (["--epochs", "0"], "--epochs"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--momentum", "0.9"], "--momentum"),  # easgd has no momentum
+    (["--algo", "eamsgd", "--momentum", "1.0"], "--momentum"),
+    (["--algo", "sgd", "--workers", "2"], "one worker"),
+    (["--devices", "cuda:99"], "cuda:99"),
+    (["--devices", "tpu"], "tpu"),
+    (["--dataset", "nope"], "nope"),
+    (["--model", "nope"], "nope"),
+    (["--algo", "nope"], "nope"),
+    (["--workers", "two"], "two"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_exit_2_with_one_line(args, needle, capsys, tmp_path):
+    assert main(["train", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:"), err
+    assert needle in err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(capsys, tmp_path):
+    assert main(["train", "--devices", "cuda:0", "--out", str(tmp_path / "r")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_missing_data_directory_without_download(capsys, tmp_path):
+    args = ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--download" in err
+
+
+def test_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["train", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out" in err
+
+
+def test_out_holding_a_run_is_not_overwritten(capsys, tmp_path):
+    (tmp_path / "summary.json").write_text('{"keep": true}')
+    assert main(["train", "--out", str(tmp_path)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"keep": True}
+
+
+def test_console_entry_one_line_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "easgd_local", "train", "--tau", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --tau must be >= 1 (got 0)"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_shortened_default_run(tmp_path, capsys):
+    """The default command, stopped after one epoch: output files and the summary table."""
+    before = leftovers_snapshot()
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "center test accuracy" in printed.out
+    assert "easgd: 2 worker(s) on cpu" in printed.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algo"] == "easgd" and summary["workers"] == 2 and summary["tau"] == 10
+    assert summary["alpha"] == pytest.approx(0.45)
+    assert summary["final_test_accuracy"] > 0.8
+    config = json.loads((out / "config.json").read_text())
+    assert config["algo"] == "easgd" and config["epochs"] == 1
+    assert_no_leftovers(before)

@@ -1,0 +1,140 @@
+"""The fast flat-tensor rules against the literal reference, and the algorithm's invariants."""
+
+import pytest
+import torch
+
+from easgd_local import rules
+from easgd_local.rules_reference import ReferenceAsyncEASGD
+
+SHAPES = [(7, 3), (5,), (4, 2, 2)]  # parameter pieces
+BUFFER_SHAPES = [(3,)]  # float buffers: exchanged, never stepped
+
+
+def _pieces(flat, shapes):
+    out, o = [], 0
+    for s in shapes:
+        k = torch.Size(s).numel()
+        out.append(flat[o:o + k].view(s))
+        o += k
+    return out
+
+
+def _flat(pieces):
+    return torch.cat([p.reshape(-1).float() for p in pieces])
+
+
+class Oracle:
+    """A deterministic stochastic gradient: g = A_{w,t} (point) + b_{w,t}, random per worker and step."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.seed = n, seed
+
+    def __call__(self, point_pieces, worker, step):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + worker * 1009 + step)
+        a = torch.rand(self.n, generator=gen) * 0.5 + 0.25  # a random diagonal, positive
+        b = torch.randn(self.n, generator=gen)
+        g = a * _flat(point_pieces) + b
+        return _pieces(g, SHAPES)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("workers,tau", [(1, 1), (3, 2), (4, 10)])
+def test_async_rules_match_reference_every_step(momentum, workers, tau):
+    torch.manual_seed(1)
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    nb = sum(torch.Size(s).numel() for s in BUFFER_SHAPES)
+    x0 = torch.randn(n + nb)
+    lr, alpha, wd = 0.05, 0.9 / workers, 1e-3
+    ref = ReferenceAsyncEASGD(_pieces(x0, SHAPES + BUFFER_SHAPES), workers, lr=lr, alpha=alpha,
+                              tau=tau, momentum=momentum, weight_decay=wd, n_param_pieces=len(SHAPES))
+    oracle = Oracle(n)
+    center = x0.clone()
+    ys = [x0.clone() for _ in range(workers)]
+    vs = [torch.zeros(n) for _ in range(workers)]
+    t = [0] * workers
+    # Buffers drift on their own (as batch-norm statistics would); both sides see the same drift.
+    for turn in range(100):
+        i = turn % workers
+        if t[i] % tau == 0:
+            rules.elastic_exchange_(ys[i], center, alpha, v=vs[i], momentum=momentum)
+        g = _flat(oracle(_pieces(ys[i][:n], SHAPES), i, t[i]))
+        rules.local_step_(ys[i], g, lr, v=vs[i], momentum=momentum, weight_decay=wd)
+        ref.step(i, oracle)
+        t[i] += 1
+        x_fast = rules.current_x(ys[i], vs[i], momentum)
+        torch.testing.assert_close(x_fast, _flat(ref.workers[i].x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(center, _flat(ref.center), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(center, x0)  # the center moved
+
+
+def test_exchange_conserves_worker_plus_center():
+    torch.manual_seed(0)
+    y, c, v = torch.randn(50), torch.randn(50), torch.randn(40)
+    for momentum in (0.0, 0.99):
+        y1, c1 = y.clone(), c.clone()
+        x_before = rules.current_x(y1, v, momentum).clone()
+        d = rules.elastic_exchange_(y1, c1, 0.3, v=v, momentum=momentum)
+        x_after = rules.current_x(y1, v, momentum)
+        torch.testing.assert_close(x_after + c1, x_before + c, rtol=0, atol=1e-6)
+        torch.testing.assert_close(d, 0.3 * (x_before - c))
+
+
+def test_alpha_zero_leaves_workers_independent():
+    """With alpha = 0 the center never moves and each worker follows plain SGD."""
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    oracle = Oracle(n, seed=3)
+    shapes_flat = lambda t: _pieces(t, SHAPES)  # noqa: E731
+    torch.manual_seed(2)
+    x0 = torch.randn(n)
+    center = x0.clone()
+    y = x0.clone()
+    alone = x0.clone()
+    for t in range(30):
+        if t % 2 == 0:
+            rules.elastic_exchange_(y, center, 0.0)
+        g = _flat(oracle(shapes_flat(y), 0, t))
+        rules.local_step_(y, g, 0.1)
+        alone -= 0.1 * _flat(oracle(shapes_flat(alone), 0, t))
+    assert torch.equal(center, x0)
+    torch.testing.assert_close(y, alone)
+
+
+def test_eamsgd_with_zero_momentum_is_easgd():
+    torch.manual_seed(4)
+    y1 = torch.randn(30)
+    y2, c1 = y1.clone(), torch.randn(30)
+    c2 = c1.clone()
+    v = torch.zeros(30)
+    for t in range(20):
+        g = torch.sin(y1) + 0.01 * t
+        rules.elastic_exchange_(y1, c1, 0.2)
+        rules.elastic_exchange_(y2, c2, 0.2, v=v, momentum=0.0)
+        rules.local_step_(y1, g, 0.1)
+        rules.local_step_(y2, g, 0.1, v=v, momentum=0.0)
+    assert torch.equal(y1, y2) and torch.equal(c1, c2)
+
+
+def test_one_worker_alpha_one_tau_one_sets_center_to_worker():
+    """alpha = 1: the exchange moves the worker fully onto the center and vice versa (a swap)."""
+    y, c = torch.tensor([1.0, 2.0]), torch.tensor([5.0, -1.0])
+    rules.elastic_exchange_(y, c, 1.0)
+    assert torch.equal(y, torch.tensor([5.0, -1.0])) and torch.equal(c, torch.tensor([1.0, 2.0]))
+
+
+def test_quadratic_stability_region():
+    """Round-robin EASGD on f(x) = x^2/2 is stable inside the paper's region, unstable outside it."""
+
+    def run(eta, alpha, p=3, steps=3000):
+        xs = [torch.tensor([1.0], dtype=torch.float64) for _ in range(p)]
+        c = torch.tensor([1.0], dtype=torch.float64)
+        for t in range(steps):
+            i = t % p
+            g = xs[i].clone()  # gradient at the pre-exchange point
+            rules.elastic_exchange_(xs[i], c, alpha)
+            rules.local_step_(xs[i], g, eta)
+        return max(abs(float(x)) for x in xs + [c])
+
+    eta = 1.0
+    bound = (4 - 2 * eta) / (4 - eta)  # 2/3
+    assert run(eta, 0.9 * bound) < 1e-6
+    assert run(eta, 1.1 * bound) > 1e3

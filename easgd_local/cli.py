@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -47,7 +48,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights; worker r orders its data with seed + r.", rich_help_panel=ALGO_PANEL)] = TrainConfig.seed,
     steps: Annotated[Optional[int], typer.Option(help="Stop after this many local steps per worker.", rich_help_panel=ALGO_PANEL)] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the training set by all workers together. [default: 6 when no stop is given]", rich_help_panel=ALGO_PANEL)] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the training set by all workers together. [default: 8 when no stop is given]", rich_help_panel=ALGO_PANEL)] = None,
     time_limit: Annotated[Optional[float], typer.Option(help="Stop after this many seconds of training (start-up not counted).", rich_help_panel=ALGO_PANEL)] = None,
     dataset: Annotated[Dataset, typer.Option(help="Data set. mnist10k ships with the package; the others are read from --data-dir.", rich_help_panel=DATA_PANEL)] = Dataset.mnist10k,
     data_dir: Annotated[Path, typer.Option(help="Root of the torchvision data sets (imagefolder: the directory holding train/ and val/).", rich_help_panel=DATA_PANEL)] = TrainConfig.data_dir,
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from .output import OutputError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM ends a run the way Ctrl-C does: workers stopped and joined, nothing left behind.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="easgd-local", standalone_mode=False)
@@ -149,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("interrupted", err=True)
         return 130
     return result if isinstance(result, int) else 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _one_line(text: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -56,14 +57,16 @@ def steps_budget(config: TrainConfig, train_size: int) -> int | None:
 def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int,
                image_size: int) -> None:
     """Entry point of a spawned worker. Reports errors to the main process instead of raising."""
+    # Ctrl-C reaches the whole process group; the main process alone decides how the run
+    # ends and tells the workers through `stop`, so a worker never dies mid-exchange.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         stats = _train(rank, config, ch, parent_pid, image_size)
         ch.messages.put(("done", rank, stats))
     except _ParentGone:
         pass
-    except BaseException as e:  # report everything, including KeyboardInterrupt, then exit
-        if not isinstance(e, KeyboardInterrupt):
-            ch.messages.put(("error", rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+    except BaseException as e:  # report everything, then exit
+        ch.messages.put(("error", rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
 
 
 class _ParentGone(Exception):

@@ -55,7 +55,7 @@ BAD = [
     (["--dataset", "nope"], "nope"),
     (["--model", "nope"], "nope"),
     (["--algo", "nope"], "nope"),
-    (["--workers", "two"], "two"),
+    (["--workers", "two"], "--workers"),
 ]
 
 

@@ -26,12 +26,22 @@ log = logging.getLogger(__name__)
 
 
 class SharedCenter:
-    """The center tensor plus the lock that makes its update atomic. Picklable for spawn."""
+    """The center tensor plus the lock that makes its update atomic. Picklable for spawn.
 
-    def __init__(self, init: Tensor, ctx: Any, lock: bool = True):
+    Master-side state of the DOWNPOUR variants lives beside it, in shared memory too, and is
+    updated under the same lock: ``velocity`` (MDOWNPOUR's Nesterov momentum on the master) and
+    ``average`` with ``clock`` (ADOWNPOUR / MVADOWNPOUR report a running average of the center).
+    """
+
+    def __init__(self, init: Tensor, ctx: Any, lock: bool = True, *, momentum: float = 0.0,
+                 average: bool = False):
         self.data = init.detach().to("cpu", torch.float32).clone().share_memory_()
         # The lock must come from the spawn context the workers are started with.
         self.lock = ctx.Lock() if lock else None
+        self.momentum = momentum
+        self.velocity = torch.zeros_like(self.data).share_memory_() if momentum else None
+        self.average = self.data.clone().share_memory_() if average else None
+        self.clock = torch.zeros(1, dtype=torch.int64).share_memory_()  # center updates so far
 
     @property
     def numel(self) -> int:
@@ -49,6 +59,35 @@ class SharedCenter:
         """A consistent copy of the center (taken under the lock, so no half-applied update)."""
         with self.guard():
             return self.data.clone()
+
+    def reported(self) -> Tensor:
+        """A copy of the model the algorithm reports: the running average where there is one;
+        with master momentum the iterate x = center - delta*v (the center is the look-ahead)."""
+        with self.guard():
+            if self.average is not None:
+                return self.average.clone()
+            if self.velocity is not None:
+                return self.data.sub(self.velocity, alpha=self.momentum)
+            return self.data.clone()
+
+    def push_(self, u: Tensor, average_rate: float | None = None) -> None:
+        """The master's side of a DOWNPOUR push of the accumulated update u, atomically.
+
+        With momentum (MDOWNPOUR): Nesterov momentum on the master, in look-ahead form like the
+        workers' (rules.local_step_): v = delta*v + u; center += u + delta*v, so workers pull
+        the look-ahead point and take their gradients there.
+        average: z = (1 - a) z + a * center after the update, with a = average_rate, or
+        a = 1/(t+1) at the t-th update when average_rate is None (z = mean of all centers).
+        """
+        with self.guard():
+            self.data.add_(u)
+            if self.velocity is not None:
+                self.velocity.mul_(self.momentum).add_(u)
+                self.data.add_(self.velocity, alpha=self.momentum)
+            self.clock += 1
+            if self.average is not None:
+                a = average_rate if average_rate is not None else 1.0 / (int(self.clock) + 1)
+                self.average.lerp_(self.data, a)
 
 
 class CenterLink:
@@ -93,8 +132,13 @@ class CenterLink:
             self._registered = False
 
     @torch.no_grad()
-    def exchange(self, y: Tensor, alpha: float, v: Tensor | None = None, momentum: float = 0.0) -> None:
-        """Asynchronous elastic exchange: d = alpha (x - center); y -= d; center += d."""
+    def exchange(self, y: Tensor, alpha: float, v: Tensor | None = None, momentum: float = 0.0,
+                 barrier: Any = None) -> None:
+        """Elastic exchange: d = alpha (x - center); y -= d; center += d.
+
+        With ``barrier`` (synchronous EASGD) every worker has read the center before any
+        worker adds to it: all differences are taken from the same center.
+        """
         if self.cuda:
             # Host-to-device DMA from the registered shared pages, ordered on this stream
             # before the kernels that read c_dev.
@@ -106,13 +150,36 @@ class CenterLink:
             # exchange is complete when this method returns.
             self.done.record()
             self.done.synchronize()
+            if barrier is not None:
+                barrier.wait()
             self.center.add_(self.d_host)
         else:
             d = rules.elastic_difference(y, self.center.data, alpha, v=v, momentum=momentum, out=self.d)
+            if barrier is not None:
+                barrier.wait()
             y.sub_(d)
             self.center.add_(d)
         self.exchanges += 1
         self.bytes += 2 * self.center.numel * 4  # the center read in, the difference written back
+
+    @torch.no_grad()
+    def push_pull(self, y: Tensor, y_pulled: Tensor, average_rate: float | None = None) -> None:
+        """DOWNPOUR: push u = y - y_pulled (the local updates since the last pull) to the master,
+        then pull the center: y = y_pulled = center."""
+        if self.cuda:
+            u = torch.sub(y, y_pulled, out=self.d_dev)
+            self.d_host.copy_(u, non_blocking=True)
+            self.done.record()
+            self.done.synchronize()
+            self.center.push_(self.d_host, average_rate)
+            self.c_dev.copy_(self.center.data, non_blocking=True)
+            y.copy_(self.c_dev)
+        else:
+            self.center.push_(torch.sub(y, y_pulled, out=self.d), average_rate)
+            y.copy_(self.center.data)
+        y_pulled.copy_(y)
+        self.exchanges += 1
+        self.bytes += 2 * self.center.numel * 4  # the update pushed, the center pulled
 
     @torch.no_grad()
     def pull(self, y: Tensor) -> None:

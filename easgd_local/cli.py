@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .config import ALGOS, ConfigError, TrainConfig
+from . import bench as _bench  # light: torch is imported only when a bench runs
 
 # typer re-exports BadParameter but not its base, the usage error that every flag-parsing
 # failure raises (from click, or from the copy of click that newer typer releases carry).
@@ -50,6 +51,7 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Stop after this many local steps per worker.", rich_help_panel=ALGO_PANEL)] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the training set by all workers together. [default: 8 when no stop is given]", rich_help_panel=ALGO_PANEL)] = None,
     time_limit: Annotated[Optional[float], typer.Option(help="Stop after this many seconds of training (start-up not counted).", rich_help_panel=ALGO_PANEL)] = None,
+    target_accuracy: Annotated[Optional[float], typer.Option(help="Stop once an evaluation of the center reaches this test accuracy.", rich_help_panel=ALGO_PANEL)] = None,
     dataset: Annotated[Dataset, typer.Option(help="Data set. mnist10k ships with the package; the others are read from --data-dir.", rich_help_panel=DATA_PANEL)] = Dataset.mnist10k,
     data_dir: Annotated[Path, typer.Option(help="Root of the torchvision data sets (imagefolder: the directory holding train/ and val/).", rich_help_panel=DATA_PANEL)] = TrainConfig.data_dir,
     download: Annotated[bool, typer.Option("--download", help="Download the data set into --data-dir if missing.", rich_help_panel=DATA_PANEL)] = False,
@@ -67,7 +69,7 @@ def train(
     config = TrainConfig(
         algo=algo.value, lr=lr, tau=tau, beta=beta, alpha=alpha, momentum=momentum,
         weight_decay=weight_decay, batch_size=batch_size, seed=seed, lock=lock, steps=steps,
-        epochs=epochs, time_limit=time_limit, dataset=dataset.value, data_dir=data_dir,
+        epochs=epochs, time_limit=time_limit, target_accuracy=target_accuracy, dataset=dataset.value, data_dir=data_dir,
         download=download, model=model.value, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
         eval_every=eval_every, out=out, quiet=quiet)
@@ -75,6 +77,47 @@ def train(
     summary = run_training(config, reporter)
     if not quiet:
         print_summary(summary, config.out)
+
+
+BENCH_PANEL = "Bench"
+
+
+@app.command()
+def bench(
+    algos: Annotated[str, typer.Option(help="Comma-separated algorithms (any --algo of train), run one after another on the same data, model, initial weights and per-worker batch.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_ALGOS,
+    taus: Annotated[str, typer.Option(help="Comma-separated communication periods; every algorithm that has a tau (not sgd, msgd, ddp) runs once per value.", rich_help_panel=BENCH_PANEL)] = str(TrainConfig.tau),
+    time_limit: Annotated[float, typer.Option(help="Seconds of training per run (start-up not counted).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_TIME_LIMIT,
+    target_accuracy: Annotated[float, typer.Option(help="A run stops early once the center reaches this test accuracy; its time to reach it is the bench's measure.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_TARGET_ACCURACY,
+    eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center (the resolution of the time to target).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_EVAL_EVERY,
+    lr: Annotated[float, typer.Option(help="Learning rate eta of every run; the momentum algorithms get lr * (1 - momentum) (see --momentum).", rich_help_panel=ALGO_PANEL)] = TrainConfig.lr,
+    momentum: Annotated[float, typer.Option(help="Nesterov momentum delta of the momentum algorithms (eamsgd, msgd, mdownpour). They run with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals the others' --lr.", rich_help_panel=ALGO_PANEL)] = _bench.DEFAULT_MOMENTUM,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights, the same for every run.", rich_help_panel=ALGO_PANEL)] = TrainConfig.seed,
+    dataset: Annotated[Dataset, typer.Option(help="Data set. mnist10k ships with the package; the others are read from --data-dir.", rich_help_panel=DATA_PANEL)] = Dataset.mnist10k,
+    data_dir: Annotated[Path, typer.Option(help="Root of the torchvision data sets (imagefolder: the directory holding train/ and val/).", rich_help_panel=DATA_PANEL)] = TrainConfig.data_dir,
+    model: Annotated[Model, typer.Option(help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18.", rich_help_panel=DATA_PANEL)] = Model.cnn,
+    workers: Annotated[Optional[int], typer.Option(help="Workers of the multi-worker algorithms; sgd and msgd always run one. Default: one per device (2 on a CPU-only machine).", rich_help_panel=SYSTEM_PANEL)] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu. Default: every visible GPU, else cpu.", rich_help_panel=SYSTEM_PANEL)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Bench directory: bench.json, bench.md, bench.png and runs/. Default: runs/bench-<timestamp>.", rich_help_panel=OUTPUT_PANEL)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line per run (the table is still printed).", rich_help_panel=OUTPUT_PANEL)] = False,
+) -> None:
+    """Compare algorithms: each trains for --time-limit (or to --target-accuracy); writes a table and a plot."""
+    options = _bench.BenchOptions(
+        algos=_bench.parse_algos(algos), workers=workers, taus=_bench.parse_taus(taus),
+        time_limit=time_limit, target_accuracy=target_accuracy, lr=lr, momentum=momentum,
+        batch_size=batch_size, seed=seed, dataset=dataset.value, data_dir=data_dir,
+        model=model.value,
+        devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
+        eval_every=eval_every, out=out)
+    # '[i/n] label: ' as a run starts, the result on the same line when it ends.
+    result = _bench.run_bench(
+        options,
+        on_start=None if quiet else (lambda text: typer.echo(text, err=True, nl=False)),
+        on_done=None if quiet else (lambda text: typer.echo(text, err=True)),
+        on_note=lambda text: typer.echo(text, err=True))
+    if not quiet:
+        typer.echo(f"bench written to {options.out}", err=True)
+    typer.echo(_bench.markdown_table(result), nl=False)
 
 
 class ProgressReporter:

@@ -12,13 +12,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Algorithms that keep a center variable and the ones that run a single worker without one.
-CENTER_ALGOS = ("easgd", "eamsgd")
-SINGLE_ALGOS = ("sgd", "msgd")
-ALGOS = CENTER_ALGOS + SINGLE_ALGOS
-MOMENTUM_ALGOS = ("eamsgd", "msgd")
+@dataclass(frozen=True)
+class AlgoSpec:
+    name: str
+    summary: str
+    single_worker: bool = False  # one worker, no center (the references)
+    local_momentum: bool = False  # Nesterov momentum in the workers' local steps
+    master_momentum: bool = False  # Nesterov momentum on the master (MDOWNPOUR)
+    average_rate: float | None = None  # running average of the center (ADOWNPOUR: 1/(t+1))
+    averaged: bool = False  # the reported model is the running average
+    elastic: bool = False  # uses alpha / beta
+    synchronous: bool = False  # workers move in lock-step (a barrier)
+    ddp: bool = False
 
-DEFAULT_MOMENTUM = 0.9  # used by eamsgd/msgd when --momentum is not given
+    @property
+    def momentum(self) -> bool:
+        return self.local_momentum or self.master_momentum
+
+
+ALGORITHMS: dict[str, AlgoSpec] = {a.name: a for a in (
+    AlgoSpec("easgd", "asynchronous EASGD (Algorithm 1)", elastic=True),
+    AlgoSpec("eamsgd", "asynchronous EASGD with Nesterov momentum (Algorithm 2)", elastic=True,
+             local_momentum=True),
+    AlgoSpec("sync-easgd", "synchronous EASGD: all workers and the center move together",
+             elastic=True, synchronous=True),
+    AlgoSpec("downpour", "DOWNPOUR: push tau steps of updates, pull the center"),
+    AlgoSpec("mdownpour", "DOWNPOUR with Nesterov momentum on the master", master_momentum=True),
+    AlgoSpec("adownpour", "DOWNPOUR reporting the average of all centers", averaged=True),
+    AlgoSpec("mvadownpour", "DOWNPOUR reporting a moving average of the center (rate 0.001)",
+             averaged=True, average_rate=0.001),
+    AlgoSpec("ddp", "DistributedDataParallel: gradients all-reduced every step", synchronous=True,
+             ddp=True),
+    AlgoSpec("sgd", "SGD on one worker, no center", single_worker=True),
+    AlgoSpec("msgd", "SGD with Nesterov momentum on one worker, no center", single_worker=True,
+             local_momentum=True),
+)}
+
+
+ALGOS = tuple(ALGORITHMS)
+DEFAULT_MOMENTUM = 0.9  # used by the momentum algorithms when --momentum is not given
 
 
 class ConfigError(ValueError):
@@ -28,7 +60,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # Algorithm
-    algo: str = "easgd"  # easgd | eamsgd | sgd | msgd
+    algo: str = "easgd"  # a name of ALGORITHMS
     lr: float = 0.1  # learning rate eta
     tau: int = 10  # communication period: an elastic exchange every tau local steps
     beta: float | None = None  # moving rate parameterised as beta = workers * alpha (paper: 0.9)
@@ -42,6 +74,7 @@ class TrainConfig:
     steps: int | None = None  # local steps per worker
     epochs: float | None = None  # passes over the training set by all workers together
     time_limit: float | None = None  # seconds of training (start-up excluded)
+    target_accuracy: float | None = None  # stop once an evaluation of the center reaches it
     # Data and model
     dataset: str = "mnist10k"
     data_dir: Path = Path("datasets")
@@ -65,8 +98,8 @@ class TrainConfig:
     DEFAULT_BETA = 0.9
 
     @property
-    def has_center(self) -> bool:
-        return self.algo in CENTER_ALGOS
+    def spec(self) -> AlgoSpec:
+        return ALGORITHMS[self.algo]
 
     def validate(self, cuda_count: int | None = None) -> "TrainConfig":
         """Check every value and resolve defaults that depend on others. Returns self."""
@@ -88,14 +121,17 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ConfigError(f"{flag} must be > 0 (got {value})")
 
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy must be in (0, 1] (got {self.target_accuracy})")
+        momentum_algos = [a.name for a in ALGORITHMS.values() if a.momentum]
         if self.momentum is not None:
-            if self.algo not in MOMENTUM_ALGOS:
-                raise ConfigError(f"--momentum applies to eamsgd and msgd, not {self.algo}")
+            if not self.spec.momentum:
+                raise ConfigError(f"--momentum applies to {', '.join(momentum_algos)}, not {self.algo}")
             if not 0 <= self.momentum < 1:
                 raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
         self.resolved_momentum = (
             (DEFAULT_MOMENTUM if self.momentum is None else self.momentum)
-            if self.algo in MOMENTUM_ALGOS else 0.0)
+            if self.spec.momentum else 0.0)
 
         self._resolve_devices(_cuda_count() if cuda_count is None else cuda_count)
         self._resolve_alpha()
@@ -104,7 +140,7 @@ class TrainConfig:
     def _resolve_devices(self, cuda_count: int) -> None:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
-        if self.algo in SINGLE_ALGOS:
+        if self.spec.single_worker:
             if self.workers not in (None, 1):
                 raise ConfigError(f"--algo {self.algo} runs one worker (got --workers {self.workers})")
             self.workers = 1
@@ -133,7 +169,7 @@ class TrainConfig:
             if not 0 < beta <= 1:
                 raise ConfigError(f"--beta must be in (0, 1] (got {beta})")
             self.resolved_alpha = beta / self.workers
-        if not self.has_center:
+        if not self.spec.elastic:
             self.resolved_alpha = 0.0
 
     def stop_rule(self) -> str:
@@ -145,6 +181,8 @@ class TrainConfig:
             parts.append(f"{self.epochs:g} epochs")
         if self.time_limit is not None:
             parts.append(f"{self.time_limit:g} s")
+        if self.target_accuracy is not None:
+            parts.append(f"center accuracy {self.target_accuracy:g}")
         return " or ".join(parts) or f"{self.DEFAULT_EPOCHS:g} epochs"
 
     def to_dict(self) -> dict[str, Any]:

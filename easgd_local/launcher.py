@@ -7,9 +7,12 @@ whatever ended the run: normal completion, a worker's error, or an interrupt.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.multiprocessing as mp
 
+from .algorithms import decide_stop
 from .center import SharedCenter
 from .config import ConfigError, TrainConfig
 from .evaluate import Evaluator
@@ -99,11 +103,20 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
     torch.manual_seed(config.seed)  # the initial weights every worker starts from
     evaluator = Evaluator(config, image_size, eval_device)
     init = evaluator.state.flat.detach().cpu()
+    spec = config.spec
+    stop = ctx.Event()
+    agreed = torch.zeros(1, dtype=torch.int64).share_memory_()
     ch = WorkerChannels(
-        center=SharedCenter(init, ctx, lock=config.lock),
+        center=SharedCenter(init, ctx, lock=config.lock, average=spec.averaged,
+                            momentum=config.resolved_momentum if spec.master_momentum else 0.0),
         steps=torch.zeros(config.workers, dtype=torch.int64).share_memory_(),
         losses=torch.full((config.workers,), float("nan"), dtype=torch.float64).share_memory_(),
-        messages=ctx.Queue(), go=ctx.Event(), stop=ctx.Event())
+        messages=ctx.Queue(), go=ctx.Event(), stop=stop, agreed=agreed,
+        barrier=(ctx.Barrier(config.workers, action=functools.partial(decide_stop, stop, agreed))
+                 if spec.synchronous else None))
+    rendezvous_dir = tempfile.mkdtemp(prefix="easgd-ddp-") if spec.ddp else None
+    if rendezvous_dir:
+        ch.rendezvous = os.path.join(rendezvous_dir, "store")
     run = _Run(config, ch, [], out, evaluator, reporter)
     try:
         for rank in range(config.workers):
@@ -121,6 +134,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
         summary = _finish(run, startup, train_seconds)
     finally:
         _shutdown(run)
+        if rendezvous_dir:
+            shutil.rmtree(rendezvous_dir, ignore_errors=True)
         torch.set_num_threads(threads)
         reporter.finished()
     return summary
@@ -187,15 +202,17 @@ def _supervise(run: _Run) -> float:
         if config.time_limit is not None and elapsed >= config.time_limit and not ch.stop.is_set():
             ch.stop.set()
         if now >= next_eval and len(run.results) < len(run.procs):
-            _evaluate(run, elapsed)
+            record = _evaluate(run, elapsed)
             next_eval = time.perf_counter() + config.eval_every
+            if config.target_accuracy is not None and record["test_accuracy"] >= config.target_accuracy:
+                ch.stop.set()
         run.reporter.progress(int(ch.steps.sum()) * config.batch_size, elapsed, run.last_accuracy)
         _check_alive(run, set(range(len(run.procs))) - set(run.results))
     return time.perf_counter() - run.t0
 
 
 def _evaluate(run: _Run, elapsed: float) -> dict[str, Any]:
-    snapshot = run.ch.center.snapshot()
+    snapshot = run.ch.center.reported()
     steps = run.ch.steps.tolist()
     losses = [x for x in run.ch.losses.tolist() if x == x]  # drop NaN: no report yet
     test_loss, test_acc = run.evaluator.evaluate(snapshot)
@@ -229,7 +246,7 @@ def _finish(run: _Run, startup: float, train_seconds: float) -> dict[str, Any]:
         "final_test_accuracy": final["test_accuracy"], "final_test_loss": final["test_loss"],
         "final_train_loss": final["train_loss"],
     }
-    run.out.save_state_dict("center.pt", run.evaluator.state_dict(run.ch.center.snapshot()))
+    run.out.save_state_dict("center.pt", run.evaluator.state_dict(run.ch.center.reported()))
     run.out.write_json("summary.json", summary)
     return summary
 
@@ -238,6 +255,8 @@ def _shutdown(run: _Run) -> None:
     """Stop, join, and if need be kill every worker; release the queue's feeder thread."""
     run.ch.stop.set()
     run.ch.go.set()  # a worker still waiting to start sees stop right after go
+    if run.ch.barrier is not None and len(run.results) < len(run.procs):
+        run.ch.barrier.abort()  # release workers waiting for a peer that will not come
     deadline = time.monotonic() + JOIN_GRACE_SECONDS
     for p in run.procs:
         while p.is_alive() and time.monotonic() < deadline:

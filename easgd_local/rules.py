@@ -9,7 +9,7 @@ Asynchronous EASGD (Algorithm 1), every tau local steps::
     x  -= d              # the worker moves toward the center
     x~ += d              # the center moves toward the worker (an addition, so concurrent
                          # exchanges of other workers are kept)
-and at every step, with the gradient taken at the pre-exchange x::
+and at every step, with the gradient g taken at the x of before the exchange::
 
     x  -= eta * g(x)
 
@@ -62,20 +62,25 @@ def elastic_exchange_(y: Tensor, center: Tensor, alpha: float, *, v: Tensor | No
 
 
 @torch.no_grad()
+def add_weight_decay_(grad: Tensor, y: Tensor, weight_decay: float) -> Tensor:
+    """grad += weight_decay * y: the L2 penalty's gradient at the point the loss gradient was
+    taken, so it joins g before the exchange moves y."""
+    if weight_decay:
+        grad.add_(y[: grad.numel()], alpha=weight_decay)
+    return grad
+
+
+@torch.no_grad()
 def local_step_(y: Tensor, grad: Tensor, lr: float, *, v: Tensor | None = None,
-                momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-    """One local step on the first ``grad.numel()`` entries of ``y``, gradient taken at y.
+                momentum: float = 0.0) -> None:
+    """One local step on the first ``grad.numel()`` entries of ``y``.
 
     momentum = 0 (v may be None): plain SGD, y -= lr * g.
     momentum > 0: Nesterov momentum of EAMSGD in look-ahead form. With v' = delta*v - lr*g,
     x' = x + v' and y' = x' + delta*v', so y' = y + v' + delta*(v' - v), i.e.
     y += (1 + delta) * v' - delta * v.
     """
-    n = grad.numel()
-    p = y[:n]
-    if weight_decay:
-        # L2 penalty: its gradient at the evaluation point y joins the loss gradient.
-        grad = grad.add(p, alpha=weight_decay)
+    p = y[: grad.numel()]
     if not momentum:
         p.add_(grad, alpha=-lr)
         return

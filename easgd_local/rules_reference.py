@@ -42,13 +42,14 @@ class ReferenceAsyncEASGD:
 
     def step(self, i: int, grad_fn: GradFn) -> None:
         w = self.workers[i]
+        # x = x^i: the gradient is taken at the point before the elastic exchange.
+        point = [w.x[k] + self.delta * w.v[k] for k in range(self.n)]
         if w.t % self.tau == 0:
-            # read x~, d = alpha (x - x~), x -= d, x~ += d
+            # read x~, d = alpha (x - x~), x^i -= d, x~ += d
             for k in range(len(w.x)):
                 d = self.alpha * (w.x[k] - self.center[k])
                 w.x[k] = w.x[k] - d
                 self.center[k] = self.center[k] + d
-        point = [w.x[k] + self.delta * w.v[k] for k in range(self.n)]
         g = grad_fn([p.float() for p in point], i, w.t)
         for k in range(self.n):
             gk = g[k].double() + self.wd * point[k]
@@ -56,3 +57,16 @@ class ReferenceAsyncEASGD:
             w.x[k] = w.x[k] + w.v[k]
         w.t += 1
 
+
+
+def reference_sync_easgd_step(xs: list[Tensor], center: Tensor, grads: list[Tensor], *,
+                              lr: float, alpha: float) -> tuple[list[Tensor], Tensor]:
+    """Synchronous EASGD as the paper writes it: every worker and the center move from the
+    same pre-step values x_t, c_t.
+
+        x^i_{t+1} = x^i_t - eta g^i(x^i_t) - alpha (x^i_t - c_t)
+        c_{t+1}   = c_t + alpha sum_i (x^i_t - c_t)
+    """
+    new_xs = [x - lr * g - alpha * (x - center) for x, g in zip(xs, grads)]
+    new_center = center + alpha * sum(x - center for x in xs)
+    return new_xs, new_center

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import rules
+from . import algorithms, rules
 from .center import CenterLink, SharedCenter
 from .config import TrainConfig, cpu_threads_per_worker
 from .flat import check_views, flatten_
@@ -38,6 +38,9 @@ class WorkerChannels:
     messages: Any  # Queue: ("ready", rank, train_size) | ("done", rank, stats) | ("error", rank, text)
     go: Any  # Event: set by the main process when every worker is ready
     stop: Any  # Event: set by the main process to end training
+    barrier: Any = None  # Barrier of the synchronous algorithms (its action fills `agreed`)
+    agreed: torch.Tensor | None = None  # int64 [1]: the stop decision taken at the barrier
+    rendezvous: str | None = None  # DDP: path of the file the process group meets at
 
 
 def steps_budget(config: TrainConfig, train_size: int) -> int | None:
@@ -93,6 +96,12 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, 
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(cpu_threads_per_worker(config))
+    if config.spec.ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"file://{ch.rendezvous}", rank=rank,
+                                world_size=config.workers)
     torch.manual_seed(config.seed + rank)  # dropout and other model randomness
 
     data = load_split(config.dataset, config.data_dir, train=True, device=device,
@@ -103,11 +112,14 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, 
     link = CenterLink(ch.center, device)
     link.pull(state.flat)  # x^i = x~ at start
 
-    momentum = config.resolved_momentum
+    spec = config.spec
+    momentum = config.resolved_momentum if spec.local_momentum else 0.0
     v = torch.zeros(state.n_params, device=device) if momentum else None
-    alpha = config.resolved_alpha
+    comm = _communicator(rank, config, ch, link, state.flat, state.n_params)
+    forward = _ddp_wrap(model, device) if spec.ddp else model
+    if spec.ddp:
+        _time_allreduce(forward, comm)
     budget = steps_budget(config, len(data))
-    report_every = config.tau
     gen = torch.Generator().manual_seed(config.seed + rank)  # this worker's data order
 
     ch.messages.put(("ready", rank, len(data)))
@@ -116,50 +128,96 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, 
     step = 0
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
-    exchange_time = 0.0
     t0 = time.perf_counter()
     running = True
     while running:
         epoch_start = step
         for x, y in data.batches(config.batch_size, generator=gen):
-            if config.has_center and step % config.tau == 0:
-                te = time.perf_counter()
-                link.exchange(state.flat, alpha, v=v, momentum=momentum)
-                exchange_time += time.perf_counter() - te
             state.grad.zero_()
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
             loss.backward()
-            rules.local_step_(state.flat, state.grad, config.lr, v=v, momentum=momentum,
-                              weight_decay=config.weight_decay)
+            rules.add_weight_decay_(state.grad, state.flat, config.weight_decay)
+            # Communication comes after the gradient: Algorithms 1 and 2 take the gradient at
+            # the point before the elastic move, and both moves are then added.
+            if not comm.before_step(step, state.flat, v):
+                running = False
+                break
+            rules.local_step_(state.flat, state.grad, config.lr, v=v, momentum=momentum)
+            comm.after_step(step, state.flat, v)
             loss_sum += loss.detach()
             loss_count += 1
             step += 1
             ch.steps[rank] = step
             if step == 1 and not check_views(state):
                 raise RuntimeError(f"model {config.model} detached its parameters from the flat buffer")
-            if step % report_every == 0:
+            if step % config.tau == 0:
                 # .item() waits for the device; done once per period, not per step.
                 ch.losses[rank] = loss_sum.item() / loss_count
                 loss_sum.zero_()
                 loss_count = 0
-                if not config.has_center:
-                    link.publish(rules.current_x(state.flat, v, momentum))
             if step % PARENT_CHECK_EVERY == 0:
                 _check_parent(parent_pid)
-            if (budget is not None and step >= budget) or ch.stop.is_set():
+            # Synchronous algorithms agree on stopping at their barrier instead.
+            if (budget is not None and step >= budget) or (not spec.synchronous and ch.stop.is_set()):
                 running = False
                 break
         if step == epoch_start and running:
             raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(data)} training samples")
+    comm.finish(state.flat, v)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = time.perf_counter() - t0
     if loss_count:
         ch.losses[rank] = loss_sum.item() / loss_count
-    if not config.has_center:
-        link.publish(rules.current_x(state.flat, v, momentum))
     link.close()
-    return {"steps": step, "samples": step * config.batch_size, "exchanges": link.exchanges,
-            "bytes_exchanged": link.bytes, "exchange_seconds": exchange_time,
+    if spec.ddp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return {"steps": step, "samples": step * config.batch_size, "exchanges": comm.exchanges,
+            "bytes_exchanged": comm.bytes, "exchange_seconds": comm.seconds,
             "train_seconds": train_time}
 
+
+def _communicator(rank: int, config: TrainConfig, ch: WorkerChannels, link: CenterLink,
+                  y: torch.Tensor, n_params: int) -> algorithms.Communicator:
+    spec = config.spec
+    if spec.ddp:
+        return algorithms.DDPSync(link, config.tau, rank, ch.barrier, ch.agreed, n_params, config.workers)
+    if spec.single_worker:
+        return algorithms.Publisher(link, config.tau, config.resolved_momentum)
+    if spec.synchronous:
+        return algorithms.SyncElastic(link, config.tau, config.resolved_alpha, ch.barrier, ch.agreed)
+    if spec.elastic:
+        momentum = config.resolved_momentum if spec.local_momentum else 0.0
+        return algorithms.Elastic(link, config.tau, config.resolved_alpha, momentum)
+    return algorithms.Downpour(link, config.tau, y, spec.average_rate)
+
+
+def _ddp_wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Gradients are copied from DDP's buckets into the existing .grad views, i.e. the flat
+    # gradient buffer, so the local step stays one fused op.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   process_group=dist.group.WORLD)
+
+
+def _time_allreduce(ddp_model: Any, comm: algorithms.Communicator) -> None:
+    """Time each bucket's all-reduce from launch to completion (it overlaps the backward pass)."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    # No annotations: DDP checks them against its own classes, and postponed annotations
+    # (from __future__) would be strings.
+    def hook(state, bucket):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+
+        def done(fut: Any) -> Any:
+            comm.seconds += time.perf_counter() - start
+            return fut.value()
+
+        return default_hooks.allreduce_hook(dist.group.WORLD, bucket).then(done)
+
+    ddp_model.register_comm_hook(None, hook)

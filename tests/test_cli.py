@@ -22,7 +22,7 @@ def test_help_lists_every_option(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--algo", "--lr", "--tau", "--beta", "--alpha", "--momentum", "--weight-decay",
-                 "--batch-size", "--seed", "--steps", "--epochs", "--time-limit", "--dataset",
+                 "--batch-size", "--seed", "--steps", "--epochs", "--time-limit", "--target-accuracy", "--dataset",
                  "--data-dir", "--download", "--model", "--workers", "--devices", "--no-lock",
                  "--eval-every", "--out", "--quiet"):
         assert flag in text, flag
@@ -47,6 +47,7 @@ BAD = [
     (["--time-limit", "-1"], "--time-limit"),
     (["--epochs", "0"], "--epochs"),
     (["--eval-every", "0"], "--eval-every"),
+    (["--target-accuracy", "1.5"], "--target-accuracy"),
     (["--momentum", "0.9"], "--momentum"),  # easgd has no momentum
     (["--algo", "eamsgd", "--momentum", "1.0"], "--momentum"),
     (["--algo", "sgd", "--workers", "2"], "one worker"),

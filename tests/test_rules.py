@@ -55,10 +55,12 @@ def test_async_rules_match_reference_every_step(momentum, workers, tau):
     # Buffers drift on their own (as batch-norm statistics would); both sides see the same drift.
     for turn in range(100):
         i = turn % workers
+        # The gradient, weight decay included, at the point before the exchange.
+        g = _flat(oracle(_pieces(ys[i][:n], SHAPES), i, t[i]))
+        rules.add_weight_decay_(g, ys[i], wd)
         if t[i] % tau == 0:
             rules.elastic_exchange_(ys[i], center, alpha, v=vs[i], momentum=momentum)
-        g = _flat(oracle(_pieces(ys[i][:n], SHAPES), i, t[i]))
-        rules.local_step_(ys[i], g, lr, v=vs[i], momentum=momentum, weight_decay=wd)
+        rules.local_step_(ys[i], g, lr, v=vs[i], momentum=momentum)
         ref.step(i, oracle)
         t[i] += 1
         x_fast = rules.current_x(ys[i], vs[i], momentum)
@@ -90,9 +92,9 @@ def test_alpha_zero_leaves_workers_independent():
     y = x0.clone()
     alone = x0.clone()
     for t in range(30):
+        g = _flat(oracle(shapes_flat(y), 0, t))
         if t % 2 == 0:
             rules.elastic_exchange_(y, center, 0.0)
-        g = _flat(oracle(shapes_flat(y), 0, t))
         rules.local_step_(y, g, 0.1)
         alone -= 0.1 * _flat(oracle(shapes_flat(alone), 0, t))
     assert torch.equal(center, x0)

@@ -1,0 +1,287 @@
+"""`easgd-local bench`: the pure helpers, the whole pipeline with a stand-in for training,
+bad input, and one short real bench (marked slow)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from easgd_local import bench, config, launcher
+from easgd_local.cli import main
+
+from .helpers import assert_no_leftovers, leftovers_snapshot
+
+ROW_TYPES = {
+    "algo": str, "workers": int, "tau": (int, type(None)), "lr": float, "momentum": float,
+    "time_to_target_s": (float, type(None)), "speedup_vs_sgd": (float, type(None)),
+    "samples_per_second": float, "efficiency": (float, type(None)), "exchange_fraction": float,
+    "bytes_per_sample": (float, type(None)), "final_test_accuracy": float,
+    "startup_seconds": float, "train_seconds": float, "run_dir": str,
+}
+HEADER_KEYS = {"target_accuracy", "time_limit", "dataset", "model", "batch_size", "runs"}
+
+
+def _has_type(value, types):
+    types = types if isinstance(types, tuple) else (types,)
+    # A float that happens to be whole may have been computed as an int (0 bytes, 1 worker).
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, types)
+
+
+def _summary(algo="easgd", workers=2, tau=10, lr=0.1, sps=1000.0, samples=10_000,
+             bytes_exchanged=0, accuracy=0.9):
+    return {"algo": algo, "workers": workers, "tau": tau, "alpha": 0.45, "momentum": 0.0, "lr": lr,
+            "total_samples": samples, "startup_seconds": 1.5, "train_seconds": 10.0,
+            "samples_per_second": sps, "exchanges": 0, "bytes_exchanged": bytes_exchanged,
+            "exchange_fraction": 0.01, "final_test_accuracy": accuracy}
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it():
+    records = [{"seconds": 1.0, "test_accuracy": 0.5}, {"seconds": 2.0, "test_accuracy": 0.97},
+               {"seconds": 3.0, "test_accuracy": 0.96}, {"seconds": 4.0, "test_accuracy": 0.99}]
+    assert bench.time_to_target(records, 0.97) == 2.0  # equality counts as reached
+    assert bench.time_to_target(records, 0.98) == 4.0
+    assert bench.time_to_target(records, 0.995) is None
+    assert bench.time_to_target([], 0.5) is None
+
+
+def test_rows_relative_to_sgd():
+    summaries = [_summary("sgd", 1, sps=1000.0),
+                 _summary("easgd", 2, sps=1600.0, samples=20_000, bytes_exchanged=2_000_000),
+                 _summary("easgd", 2, sps=1800.0)]
+    rows = bench.derive_rows(summaries, [10.0, 4.0, None], ["runs/1", "runs/2", "runs/3"])
+    assert [set(r) for r in rows] == [set(bench.ROW_KEYS)] * 3
+    sgd, fast, never = rows
+    assert sgd["speedup_vs_sgd"] == 1.0 and sgd["efficiency"] == 1.0 and sgd["tau"] is None
+    assert fast["speedup_vs_sgd"] == pytest.approx(2.5)
+    assert fast["efficiency"] == pytest.approx(1600 / (2 * 1000))
+    assert fast["bytes_per_sample"] == pytest.approx(100.0) and fast["tau"] == 10
+    assert never["speedup_vs_sgd"] is None and never["efficiency"] == pytest.approx(0.9)
+    assert [r["run_dir"] for r in rows] == ["runs/1", "runs/2", "runs/3"]
+
+
+def test_rows_without_a_usable_reference():
+    # No sgd run at all: no speed-up, no efficiency.
+    rows = bench.derive_rows([_summary("easgd")], [3.0], ["r"])
+    assert rows[0]["speedup_vs_sgd"] is None and rows[0]["efficiency"] is None
+    # sgd never reached the target: no speed-up for anyone, efficiency still defined.
+    rows = bench.derive_rows([_summary("sgd", 1), _summary("easgd")], [None, 3.0], ["a", "b"])
+    assert [r["speedup_vs_sgd"] for r in rows] == [None, None]
+    assert rows[1]["efficiency"] == pytest.approx(0.5)
+    # No sample trained: bytes per sample is undefined rather than a division by zero.
+    rows = bench.derive_rows([_summary("easgd", samples=0, sps=0.0)], [None], ["r"])
+    assert rows[0]["bytes_per_sample"] is None
+
+
+def _bench_dict(rows):
+    return {"target_accuracy": 0.97, "time_limit": 60.0, "dataset": "mnist10k", "model": "cnn",
+            "batch_size": 32, "algos": ["sgd", "easgd"], "taus": [10], "workers": 2, "lr": 0.1,
+            "momentum": 0.9, "seed": 0, "eval_every": 1.0, "devices": ["cpu"],
+            "data_dir": "datasets", "cpu_count": 2, "runs": rows}
+
+
+def test_markdown_table():
+    rows = bench.derive_rows([_summary("sgd", 1), _summary("easgd", sps=3710.0)], [None, 8.3],
+                             ["runs/1-sgd-p1", "runs/2-easgd-p2-tau10"])
+    text = bench.markdown_table(_bench_dict(rows))
+    lines = text.splitlines()
+    assert lines[0].startswith("Settings: `easgd-local bench --algos sgd,easgd --workers 2 --taus 10 ")
+    assert "--time-limit 60 --target-accuracy 0.97" in lines[0] and lines[1] == ""
+    table = lines[2:]
+    assert len(table) == 2 + 2  # header, rule, one row per run
+    assert len({line.count("|") for line in table}) == 1  # every line has the same columns
+    assert "time to 97% (s)" in table[0]
+    sgd_cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert sgd_cells[:5] == ["1", "sgd", "1", "-", "0.1"] and sgd_cells[5] == "not reached"
+    easgd_cells = [c.strip() for c in table[3].strip("|").split("|")]
+    assert easgd_cells[5] == "8.3" and easgd_cells[6] == "-" and easgd_cells[7] == "3,710"
+    assert easgd_cells[-1] == "runs/2-easgd-p2-tau10"
+
+
+def test_progress_line():
+    row = bench.derive_rows([_summary("easgd", sps=3710.0)], [8.3], ["r"])[0]
+    assert bench.progress_line(2, 5, row, 0.97) == "[2/5] easgd p=2 tau=10: 97% at 8.3 s, 3,710 samples/s"
+    row = bench.derive_rows([_summary("sgd", 1, sps=1000.0, accuracy=0.951)], [None], ["r"])[0]
+    assert bench.progress_line(1, 5, row, 0.975) == \
+        "[1/5] sgd p=1: 97.5% not reached in 10.0 s (final 95.1%), 1,000 samples/s"
+
+
+def test_plan_expands_taus_scales_momentum_and_keeps_references_single():
+    algos = [a for a in ("sgd", "easgd", "eamsgd", "msgd", "ddp") if a in config.ALGOS]
+    options = bench.BenchOptions(algos=algos, workers=3, taus=[1, 10], lr=0.2, momentum=0.75)
+    plan = [(s.algo, s.tau, s.config.workers, s.config.lr) for s in bench.plan_runs(options)]
+    expected = {"sgd": [("sgd", None, None, 0.2)],
+                "easgd": [("easgd", 1, 3, 0.2), ("easgd", 10, 3, 0.2)],
+                "eamsgd": [("eamsgd", 1, 3, pytest.approx(0.05)), ("eamsgd", 10, 3, pytest.approx(0.05))],
+                "msgd": [("msgd", None, None, pytest.approx(0.05))],
+                "ddp": [("ddp", None, 3, 0.2)]}
+    assert plan == [run for a in algos for run in expected[a]]
+
+
+def test_parsing():
+    assert bench.parse_taus(" 1, 10 ,") == [1, 10]
+    assert bench.parse_algos("sgd, easgd") == ["sgd", "easgd"]
+    for bad in ("0", "a", "", "5,5"):
+        with pytest.raises(config.ConfigError):
+            bench.parse_taus(bad)
+    for bad in ("nope", "", "sgd,sgd"):
+        with pytest.raises(config.ConfigError):
+            bench.parse_algos(bad)
+
+
+# --- the whole pipeline, with a stand-in for launcher.train ----------------------------------
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """Replaces launcher.train: writes a run directory as train does, in no time."""
+    calls = []
+
+    def train(cfg, reporter=None):
+        cfg.validate()
+        calls.append(cfg)
+        out = Path(cfg.out)
+        out.mkdir(parents=True)
+        # sgd reaches 50% after 1 s, the others after 0.5 s; msgd never does.
+        reach = {"sgd": 1.0, "msgd": None}.get(cfg.algo, 0.5)
+        with open(out / "metrics.jsonl", "w") as f:
+            for seconds in (0.5, 1.0, 1.5):
+                accuracy = 0.6 if reach is not None and seconds >= reach else 0.4
+                f.write(json.dumps({"seconds": seconds, "samples": 100, "steps": [1],
+                                    "test_loss": 1.0, "test_accuracy": accuracy,
+                                    "train_loss": 1.0}) + "\n")
+        (out / "summary.json").write_text("{}")
+        return _summary(cfg.algo, cfg.workers, cfg.tau, cfg.lr, sps=1000.0 * cfg.workers,
+                        bytes_exchanged=0 if cfg.workers == 1 else 50_000, accuracy=0.6)
+
+    monkeypatch.setattr(launcher, "train", train)
+    return calls
+
+
+def _read_outputs(out):
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_pipeline_without_matplotlib(fake_train, monkeypatch, tmp_path, capsys):
+    # Every matplotlib module made unimportable, as if it were not installed.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "b"
+    args = ["bench", "--algos", "sgd,easgd,msgd", "--taus", "1,10", "--time-limit", "5",
+            "--target-accuracy", "0.5", "--lr", "0.2", "--momentum", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    result, table = _read_outputs(out)
+    assert not (out / "bench.png").exists()
+    assert bench.NO_MATPLOTLIB in printed.err.splitlines()
+    assert printed.out == table  # the table is what ends up on stdout
+
+    assert HEADER_KEYS <= set(result) and result["target_accuracy"] == 0.5
+    rows = result["runs"]
+    assert [(r["algo"], r["workers"], r["tau"]) for r in rows] == [
+        ("sgd", 1, None), ("easgd", 2, 1), ("easgd", 2, 10), ("msgd", 1, None)]
+    assert [r["run_dir"] for r in rows] == ["runs/1-sgd-p1", "runs/2-easgd-p2-tau1",
+                                            "runs/3-easgd-p2-tau10", "runs/4-msgd-p1"]
+    assert all((out / r["run_dir"] / "metrics.jsonl").exists() for r in rows)
+    assert [r["time_to_target_s"] for r in rows] == [1.0, 0.5, 0.5, None]
+    assert [r["speedup_vs_sgd"] for r in rows] == [1.0, 2.0, 2.0, None]
+    assert rows[1]["efficiency"] == pytest.approx(1.0) and rows[1]["bytes_per_sample"] == 5.0
+    # The momentum reference runs at lr * (1 - momentum); the others at --lr.
+    assert [c.lr for c in fake_train] == [0.2, 0.2, 0.2, pytest.approx(0.1)]
+    assert [c.time_limit for c in fake_train] == [5.0] * 4
+    assert all(c.target_accuracy == 0.5 and c.eval_every == 1.0 for c in fake_train)
+    assert len(table.splitlines()) == 2 + 2 + len(rows)
+    progress = [line for line in printed.err.splitlines() if line.startswith("[")]
+    assert progress == ["[1/4] sgd p=1: 50% at 1.0 s, 1,000 samples/s",
+                        "[2/4] easgd p=2 tau=1: 50% at 0.5 s, 2,000 samples/s",
+                        "[3/4] easgd p=2 tau=10: 50% at 0.5 s, 2,000 samples/s",
+                        "[4/4] msgd p=1: 50% not reached in 10.0 s (final 60.0%), 1,000 samples/s"]
+
+
+def test_pipeline_writes_the_plot(fake_train, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "b"
+    assert main(["bench", "--algos", "sgd,easgd", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""  # --quiet: no progress line, and nothing missing
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(_read_outputs(out)[0]["runs"]) == 2
+
+
+# --- bad input: one line, exit code 2, nothing written --------------------------------------
+
+BAD = [
+    (["--algos", "sgd,nope"], "nope"),
+    (["--taus", "0"], "--taus"),
+    (["--taus", "ten"], "--taus"),
+    (["--momentum", "1"], "--momentum"),
+    (["--lr", "0"], "--lr"),
+    (["--time-limit", "0"], "--time-limit"),
+    (["--target-accuracy", "1.5"], "--target-accuracy"),
+    (["--workers", "0"], "--workers"),
+    (["--devices", "tpu"], "tpu"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_exit_2_with_one_line(args, needle, capsys, tmp_path):
+    assert main(["bench", "--algos", "sgd,easgd", "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:") and needle in err, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_algorithm_lists_the_valid_ones(capsys, tmp_path):
+    assert main(["bench", "--algos", "nope", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert all(a in err for a in config.ALGOS)
+
+
+def test_existing_bench_directory_is_refused(capsys, tmp_path):
+    (tmp_path / "bench.json").write_text('{"keep": true}')
+    assert main(["bench", "--algos", "sgd", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a bench" in err
+    assert json.loads((tmp_path / "bench.json").read_text()) == {"keep": True}
+    assert not (tmp_path / "runs").exists()
+
+
+# --- one short real bench -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_short_real_bench(tmp_path, capsys):
+    # sgd and easgd, plus the other algorithms of the default list where config has them.
+    algos = ["sgd", "easgd"] + [a for a in ("downpour", "ddp") if a in config.ALGOS]
+    before = leftovers_snapshot()
+    out = tmp_path / "bench"
+    args = ["bench", "--algos", ",".join(algos), "--time-limit", "2", "--target-accuracy", "0.5",
+            "--eval-every", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert_no_leftovers(before)
+
+    result, table = _read_outputs(out)
+    assert HEADER_KEYS <= set(result)
+    assert result["time_limit"] == 2.0 and result["target_accuracy"] == 0.5
+    rows = result["runs"]
+    assert [r["algo"] for r in rows] == algos
+    for row in rows:
+        assert set(row) == set(bench.ROW_KEYS)
+        for key, types in ROW_TYPES.items():
+            assert _has_type(row[key], types), (key, row[key])
+        assert (out / row["run_dir"] / "summary.json").exists()
+        assert 0 < row["final_test_accuracy"] <= 1
+    assert rows[0]["workers"] == 1 and rows[0]["speedup_vs_sgd"] in (1.0, None)
+    assert rows[0]["efficiency"] == 1.0
+    assert len(table.splitlines()) == 4 + len(rows) and printed.out == table
+    assert sum(line.startswith("[") for line in printed.err.splitlines()) == len(rows)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert bench.NO_MATPLOTLIB in printed.err
+    else:
+        assert (out / "bench.png").stat().st_size > 0

@@ -187,6 +187,8 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
             # step in the long run. Scaling lr by (1 - delta) gives every algorithm the same
             # effective step, so the comparison is about the algorithms, not the step size.
             lr = options.lr * (1.0 - options.momentum) if momentum is not None else options.lr
+            # Algorithms without a communication period keep train's default tau: for them it
+            # only sets how often the model is published for evaluation (every 10 steps).
             config = TrainConfig(
                 algo=algo, lr=lr, tau=tau if tau is not None else TrainConfig.tau,
                 momentum=momentum, batch_size=options.batch_size, seed=options.seed,
@@ -331,8 +333,10 @@ def settings_line(bench: dict[str, Any]) -> str:
     if bench.get("devices"):
         parts.append(f"--devices {','.join(bench['devices'])}")
     parts.append(f"--eval-every {bench['eval_every']:g}")
-    cores = f"; {bench['cpu_count']} CPU cores" if bench.get("cpu_count") else ""
-    return f"Settings: `{' '.join(parts)}`{cores}"
+    machine = f"; {bench['cpu_count']} CPU cores" if bench.get("cpu_count") else ""
+    if bench.get("load_average") is not None:
+        machine += f", load average {bench['load_average']:g} at the start"
+    return f"Settings: `{' '.join(parts)}`{machine}"
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "", none: str = "-") -> str:
@@ -397,8 +401,27 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
         "lr": options.lr, "momentum": options.momentum, "seed": options.seed,
         "eval_every": options.eval_every, "devices": devices,
         "data_dir": str(options.data_dir), "cpu_count": os.cpu_count(),
+        "load_average": _load_average(),
         "runs": [],
     }
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average as the bench starts (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(bench: dict[str, Any]) -> str | None:
+    """A warning when other work already kept the machine busy: every rate would be off."""
+    load, cores = bench.get("load_average"), bench.get("cpu_count")
+    # Half the cores busy on average is already enough to distort a run on a small machine.
+    if load is None or not cores or load < 0.5 * cores:
+        return None
+    return (f"the machine was busy as the bench started (load average {load:g} on {cores} cores): "
+            "its timings may be off")
 
 
 def write_outputs(out: Path, bench: dict[str, Any], plot: bool = True) -> list[str]:
@@ -486,6 +509,9 @@ def run_bench(options: BenchOptions,
     times: list[float | None] = []
     run_dirs: list[str] = []
     log.info("bench of %d run(s) in %s", len(specs), out)
+    busy = busy_note(bench)
+    if busy and on_note:
+        on_note(busy)
     for spec in specs:
         if on_start:
             on_start(f"[{spec.index}/{len(specs)}] {run_label(spec.algo, spec.workers, spec.tau)}: ")

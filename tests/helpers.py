@@ -1,4 +1,8 @@
-"""Checks shared by the tests that start training runs: nothing may be left behind."""
+"""Checks shared by the tests that start training runs: nothing may be left behind.
+
+/dev/shm is machine-wide: run one test session at a time (as CI does), or another session's
+semaphores show up here as leftovers.
+"""
 
 import gc
 import os

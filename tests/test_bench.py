@@ -102,6 +102,14 @@ def test_markdown_table():
     assert easgd_cells[-1] == "runs/2-easgd-p2-tau10"
 
 
+def test_busy_machine_is_reported():
+    assert bench.busy_note({"load_average": 0.3, "cpu_count": 2}) is None
+    assert bench.busy_note({"load_average": None, "cpu_count": 2}) is None
+    assert "load average 1.5 on 2 cores" in bench.busy_note({"load_average": 1.5, "cpu_count": 2})
+    line = bench.settings_line(dict(_bench_dict([]), load_average=1.5))
+    assert line.endswith("; 2 CPU cores, load average 1.5 at the start")
+
+
 def test_progress_line():
     row = bench.derive_rows([_summary("easgd", sps=3710.0)], [8.3], ["r"])[0]
     assert bench.progress_line(2, 5, row, 0.97) == "[2/5] easgd p=2 tau=10: 97% at 8.3 s, 3,710 samples/s"
@@ -206,8 +214,8 @@ def test_pipeline_writes_the_plot(fake_train, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "b"
     assert main(["bench", "--algos", "sgd,easgd", "--quiet", "--out", str(out)]) == 0
-    printed = capsys.readouterr()
-    assert printed.err == ""  # --quiet: no progress line, and nothing missing
+    err = [line for line in capsys.readouterr().err.splitlines() if "machine was busy" not in line]
+    assert err == []  # --quiet: no progress line, and nothing missing
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(_read_outputs(out)[0]["runs"]) == 2
 

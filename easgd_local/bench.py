@@ -234,6 +234,12 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
         spec.workers = int(checked.workers or 1)
         spec.devices = list(checked.devices or [])
         spec.name = run_name(spec.index, spec.algo, spec.workers, spec.tau)
+    # Every run gets the per-worker resources of the largest one, so that the one-worker
+    # reference measures what one worker of the others can do: a device each on GPUs, and on
+    # CPUs the same number of intra-op threads (not all the cores for a lone worker).
+    threads = max(1, (os.cpu_count() or 1) // max(spec.workers for spec in specs))
+    for spec in specs:
+        spec.config.threads = threads
     prepare_dataset(options.dataset, Path(options.data_dir), download=False)
 
     out = Path(options.out) if options.out is not None else default_bench_out()
@@ -401,7 +407,7 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
         "lr": options.lr, "momentum": options.momentum, "seed": options.seed,
         "eval_every": options.eval_every, "devices": devices,
         "data_dir": str(options.data_dir), "cpu_count": os.cpu_count(),
-        "load_average": _load_average(),
+        "threads_per_worker": specs[0].config.threads, "load_average": _load_average(),
         "runs": [],
     }
 

@@ -58,6 +58,7 @@ def train(
     model: Annotated[Model, typer.Option(help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18.", rich_help_panel=DATA_PANEL)] = Model.cnn,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes. (default: one per device; 2 on a CPU-only machine)", rich_help_panel=SYSTEM_PANEL)] = None,
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu; workers are dealt round-robin. (default: every visible GPU, else cpu)", rich_help_panel=SYSTEM_PANEL)] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads per CPU worker (default: the cores split between the CPU workers).", rich_help_panel=SYSTEM_PANEL)] = None,
     lock: Annotated[bool, typer.Option("--lock/--no-lock", help="Guard the center update with a lock; --no-lock runs Hogwild-style.", rich_help_panel=SYSTEM_PANEL)] = True,
     eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center during training.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_every,
     out: Annotated[Optional[Path], typer.Option(help="Output directory. (default: runs/<timestamp>-<algo>-p<workers>)", rich_help_panel=OUTPUT_PANEL)] = None,
@@ -72,7 +73,7 @@ def train(
         epochs=epochs, time_limit=time_limit, target_accuracy=target_accuracy, dataset=dataset.value, data_dir=data_dir,
         download=download, model=model.value, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        eval_every=eval_every, out=out, quiet=quiet)
+        threads=threads, eval_every=eval_every, out=out, quiet=quiet)
     reporter = None if quiet else ProgressReporter()
     summary = run_training(config, reporter)
     if not quiet:

@@ -83,6 +83,7 @@ class TrainConfig:
     # System
     workers: int | None = None  # None: one per device (2 on a CPU-only machine)
     devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"] or ["cpu"]; None: all GPUs, else cpu
+    threads: int | None = None  # intra-op threads per CPU worker; None: the cores split between them
     eval_every: float = 2.0  # seconds between evaluations of the center while training
     eval_batch_size: int = 1000
     # Output
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1 (got {self.threads})")
         if self.eval_every <= 0:
             raise ConfigError(f"--eval-every must be > 0 seconds (got {self.eval_every})")
         if self.eval_batch_size < 1:
@@ -227,6 +230,8 @@ def _check_device(device: str, cuda_count: int) -> None:
 
 
 def cpu_threads_per_worker(config: TrainConfig) -> int:
-    """Split the machine's cores between the CPU workers (at least one thread each)."""
+    """--threads, or the machine's cores split between the CPU workers (at least one each)."""
+    if config.threads is not None:
+        return config.threads
     n_cpu = sum(1 for d in config.worker_devices if d == "cpu")
     return max(1, (os.cpu_count() or 1) // max(1, n_cpu))

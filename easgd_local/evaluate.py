@@ -1,6 +1,14 @@
-"""Test loss and accuracy of a flat state vector (a snapshot of the center)."""
+"""Test loss and accuracy of flat state vectors (snapshots of the center), in the foreground or
+in a low-priority thread while training goes on."""
 
 from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +16,8 @@ from torch import Tensor
 
 from .config import TrainConfig
 from .flat import flatten_
+
+log = logging.getLogger(__name__)
 
 
 class Evaluator:
@@ -43,3 +53,69 @@ class Evaluator:
         """A plain state_dict of the model holding ``flat``, on the CPU, for ``torch.save``."""
         self.state.flat.copy_(flat)
         return {k: v.detach().cpu().clone() for k, v in self.state.module.state_dict().items()}
+
+
+class BackgroundEvaluator:
+    """Evaluates snapshots of the center in a low-priority thread while the workers train.
+
+    The main loop only takes snapshots (a copy of the center) on its cadence, so the time axis
+    of the metrics is exact; the evaluation itself runs at a raised nice value, so on a machine
+    whose cores all train (CPU workers) it takes what the workers leave over instead of slowing
+    them down. Snapshots wait in a bounded backlog; what is left when training ends is
+    evaluated then, outside the measured training time.
+    """
+
+    NICE = 10  # CPU weight ~1/10 of a worker's while they compete for a core
+    BACKLOG_BYTES = 256 * 2**20
+
+    def __init__(self, evaluator: Evaluator, on_record: Callable[[dict[str, Any]], None]):
+        self.evaluator, self.on_record = evaluator, on_record
+        numel = evaluator.state.flat.numel()
+        self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.BACKLOG_BYTES // (4 * numel)))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="easgd-evaluator", daemon=True)
+        self.thread.start()
+
+    def submit(self, snapshot: Tensor, meta: dict[str, Any]) -> bool:
+        """Queue a snapshot with its record fields; False (and dropped) when the backlog is full."""
+        if self.error is not None:
+            raise self.error
+        try:
+            self.queue.put_nowait((snapshot, meta))
+            return True
+        except queue.Full:
+            log.debug("evaluation backlog full; snapshot at %.1f s skipped", meta.get("seconds", 0))
+            return False
+
+    def drain(self) -> None:
+        """Evaluate everything queued, then stop the thread. Re-raises an evaluation error."""
+        self.queue.put((None, None))
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop the thread, discarding what is queued (the run failed or was interrupted)."""
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.queue.put((None, None))
+        self.thread.join()
+
+    def _loop(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICE)
+        except (AttributeError, OSError):  # not Linux: a thread's priority is not its own
+            pass
+        while True:
+            snapshot, meta = self.queue.get()
+            if snapshot is None:
+                return
+            try:
+                loss, acc = self.evaluator.evaluate(snapshot)
+                self.on_record({**meta, "test_loss": loss, "test_accuracy": acc})
+            except BaseException as e:  # handed to the main thread by submit()/drain()
+                self.error = e
+                return

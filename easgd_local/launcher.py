@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import queue
 import shutil
@@ -23,7 +24,7 @@ import torch.multiprocessing as mp
 from .algorithms import decide_stop
 from .center import SharedCenter
 from .config import ConfigError, TrainConfig
-from .evaluate import Evaluator
+from .evaluate import BackgroundEvaluator, Evaluator
 from .flat import flatten_
 from .output import RunDir, default_out
 from .worker import WorkerChannels, run_worker, steps_budget
@@ -64,6 +65,7 @@ class _Run:
     t0: float = 0.0
     results: dict[int, dict] = field(default_factory=dict)
     last_accuracy: float | None = None
+    background: BackgroundEvaluator | None = None
 
 
 def prepare(config: TrainConfig) -> tuple[RunDir, int]:
@@ -124,6 +126,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
                             args=(rank, config, ch, os.getpid(), image_size))
             p.start()
             run.procs.append(p)
+        run.background = BackgroundEvaluator(evaluator, functools.partial(_record, run))
         train_size = _await_ready(run)
         startup = time.perf_counter() - t_start
         budget = steps_budget(config, train_size)
@@ -189,7 +192,7 @@ def _await_ready(run: _Run) -> int:
 
 
 def _supervise(run: _Run) -> float:
-    """Until every worker is done: progress, periodic evaluation, the time limit, liveness."""
+    """Until every worker is done: progress, snapshots of the center, the time limit, liveness."""
     config, ch = run.config, run.ch
     next_eval = run.t0 + config.eval_every
     while len(run.results) < len(run.procs):
@@ -202,32 +205,39 @@ def _supervise(run: _Run) -> float:
         if config.time_limit is not None and elapsed >= config.time_limit and not ch.stop.is_set():
             ch.stop.set()
         if now >= next_eval and len(run.results) < len(run.procs):
-            record = _evaluate(run, elapsed)
-            next_eval = time.perf_counter() + config.eval_every
-            if config.target_accuracy is not None and record["test_accuracy"] >= config.target_accuracy:
-                ch.stop.set()
+            run.background.submit(*_snapshot(run, elapsed))
+            next_eval += config.eval_every * max(1, math.ceil((now - next_eval) / config.eval_every))
         run.reporter.progress(int(ch.steps.sum()) * config.batch_size, elapsed, run.last_accuracy)
         _check_alive(run, set(range(len(run.procs))) - set(run.results))
     return time.perf_counter() - run.t0
 
 
-def _evaluate(run: _Run, elapsed: float) -> dict[str, Any]:
+def _snapshot(run: _Run, elapsed: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The reported model now, with the metric fields known at this moment."""
     snapshot = run.ch.center.reported()
     steps = run.ch.steps.tolist()
     losses = [x for x in run.ch.losses.tolist() if x == x]  # drop NaN: no report yet
-    test_loss, test_acc = run.evaluator.evaluate(snapshot)
-    record = {"seconds": round(elapsed, 3), "samples": sum(steps) * run.config.batch_size,
-              "steps": steps, "test_loss": test_loss, "test_accuracy": test_acc,
-              "train_loss": sum(losses) / len(losses) if losses else None}
+    return snapshot, {"seconds": round(elapsed, 3), "samples": sum(steps) * run.config.batch_size,
+                      "steps": steps, "train_loss": sum(losses) / len(losses) if losses else None}
+
+
+def _record(run: _Run, record: dict[str, Any]) -> None:
+    """One evaluated snapshot: metrics.jsonl, the progress display, the accuracy target."""
+    record = {k: record[k] for k in ("seconds", "samples", "steps", "test_loss", "test_accuracy", "train_loss")}
     run.out.append_metrics(record)
-    run.last_accuracy = test_acc
+    run.last_accuracy = record["test_accuracy"]
     run.reporter.evaluated(record)
-    return record
+    target = run.config.target_accuracy
+    if target is not None and record["test_accuracy"] >= target:
+        run.ch.stop.set()
 
 
 def _finish(run: _Run, startup: float, train_seconds: float) -> dict[str, Any]:
     config = run.config
-    final = _evaluate(run, train_seconds)
+    run.background.drain()  # snapshots still waiting, now that the workers are done
+    snapshot, final = _snapshot(run, train_seconds)
+    final["test_loss"], final["test_accuracy"] = run.evaluator.evaluate(snapshot)
+    _record(run, final)
     res = [run.results[r] for r in range(len(run.procs))]
     samples = sum(r["samples"] for r in res)
     worker_seconds = sum(r["train_seconds"] for r in res)
@@ -246,13 +256,15 @@ def _finish(run: _Run, startup: float, train_seconds: float) -> dict[str, Any]:
         "final_test_accuracy": final["test_accuracy"], "final_test_loss": final["test_loss"],
         "final_train_loss": final["train_loss"],
     }
-    run.out.save_state_dict("center.pt", run.evaluator.state_dict(run.ch.center.reported()))
+    run.out.save_state_dict("center.pt", run.evaluator.state_dict(snapshot))
     run.out.write_json("summary.json", summary)
     return summary
 
 
 def _shutdown(run: _Run) -> None:
     """Stop, join, and if need be kill every worker; release the queue's feeder thread."""
+    if run.background is not None and run.background.thread.is_alive():
+        run.background.close()
     run.ch.stop.set()
     run.ch.go.set()  # a worker still waiting to start sees stop right after go
     if run.ch.barrier is not None and len(run.results) < len(run.procs):

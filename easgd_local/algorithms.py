@@ -18,12 +18,19 @@ from torch import Tensor
 
 from .center import CenterLink
 
+# The control flags the main process sets in a shared int64 tensor, read without any lock
+# (a worker killed mid-read cannot leave anything held, unlike an Event's internal lock).
+GO, STOP, CHECKPOINT = 0, 1, 2
+# Per-worker cumulative counters (float64 [workers, 4]), kept across restarts of a worker.
+EXCHANGES, BYTES, EXCHANGE_SECONDS, DIVERGENCES = 0, 1, 2, 3
+
 
 class Communicator:
     """Base: no communication. ``stop_agreed`` is None for asynchronous algorithms (each worker
     reads the stop event itself); synchronous ones decide together at a barrier."""
 
     seconds = 0.0  # time spent communicating
+    counted = (0, 0)  # exchanges and bytes already added to the shared counters
 
     def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
         """After the gradient, before the local step. False: the workers agreed to stop."""
@@ -33,6 +40,15 @@ class Communicator:
         pass
 
     def finish(self, y: Tensor, v: Tensor | None) -> None:
+        pass
+
+    def reset(self, y: Tensor) -> None:
+        """The worker restarted from the center (after diverging)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], y: Tensor) -> None:
         pass
 
     @property
@@ -119,6 +135,15 @@ class Downpour(_LinkCommunicator):
         if not torch.equal(y, self.y_pulled):  # updates not pushed yet
             self.link.push_pull(y, self.y_pulled, self.average_rate)
 
+    def reset(self, y: Tensor) -> None:
+        self.y_pulled.copy_(y)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"y_pulled": self.y_pulled.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any], y: Tensor) -> None:
+        self.y_pulled.copy_(state["y_pulled"])
+
 
 class Publisher(_LinkCommunicator):
     """One-worker references (and DDP's rank 0): copy the model where the evaluator reads it."""
@@ -178,6 +203,6 @@ class DDPSync(Publisher):
         return self.steps * self.bytes_per_step
 
 
-def decide_stop(stop: Any, agreed: Tensor) -> None:
+def decide_stop(control: Tensor, agreed: Tensor) -> None:
     """Barrier action (run by one worker once all have arrived): fix the stop decision."""
-    agreed[0] = int(stop.is_set())
+    agreed[0] = int(control[STOP])

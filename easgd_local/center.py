@@ -14,7 +14,10 @@ that run asynchronously on the worker's stream.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
+import tempfile
 from typing import Any
 
 import torch
@@ -25,6 +28,53 @@ from . import rules
 log = logging.getLogger(__name__)
 
 
+class Diverged(ArithmeticError):
+    """A worker's contribution to the center is not finite; nothing of it was applied."""
+
+
+class ProcessLock:
+    """A lock between processes that a dead holder cannot keep: a POSIX record lock (fcntl).
+
+    A multiprocessing.Lock is a semaphore: a worker killed while holding it leaves it held for
+    good. A record lock belongs to the process, and the kernel drops it when the process dies,
+    however it dies. The locked file is anonymous (created, then unlinked at once), so nothing
+    is left on disk; each process gets its own descriptor to it through spawn (record locks of
+    one process do not exclude each other, so one process must not lock it from two threads).
+    """
+
+    def __init__(self) -> None:
+        fd, path = tempfile.mkstemp(prefix="easgd-lock-")
+        os.unlink(path)
+        self.fd = fd
+
+    def __enter__(self) -> "ProcessLock":
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def __reduce__(self) -> tuple:
+        from multiprocessing import reduction
+
+        # Only meaningful while spawning a child: the descriptor travels with the process.
+        return (_rebuild_lock, (reduction.DupFd(self.fd),))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _rebuild_lock(dup: Any) -> ProcessLock:
+    lock = ProcessLock.__new__(ProcessLock)
+    lock.fd = dup.detach()
+    return lock
+
+
 class SharedCenter:
     """The center tensor plus the lock that makes its update atomic. Picklable for spawn.
 
@@ -33,19 +83,24 @@ class SharedCenter:
     ``average`` with ``clock`` (ADOWNPOUR / MVADOWNPOUR report a running average of the center).
     """
 
-    def __init__(self, init: Tensor, ctx: Any, lock: bool = True, *, momentum: float = 0.0,
+    def __init__(self, init: Tensor, lock: bool = True, *, momentum: float = 0.0,
                  average: bool = False):
         self.data = init.detach().to("cpu", torch.float32).clone().share_memory_()
-        # The lock must come from the spawn context the workers are started with.
-        self.lock = ctx.Lock() if lock else None
+        self.lock = ProcessLock() if lock else None
         self.momentum = momentum
         self.velocity = torch.zeros_like(self.data).share_memory_() if momentum else None
         self.average = self.data.clone().share_memory_() if average else None
         self.clock = torch.zeros(1, dtype=torch.int64).share_memory_()  # center updates so far
+        self.crash_in_lock = False  # fault injection (tests): die halfway through an update
 
     @property
     def numel(self) -> int:
         return self.data.numel()
+
+    def close(self) -> None:
+        """Release the lock's descriptor (the tensors go with the last process that maps them)."""
+        if self.lock is not None:
+            self.lock.close()
 
     def guard(self) -> contextlib.AbstractContextManager:
         return self.lock if self.lock is not None else contextlib.nullcontext()
@@ -53,7 +108,14 @@ class SharedCenter:
     def add_(self, d: Tensor) -> None:
         """center += d, atomically with respect to other workers' additions when locked."""
         with self.guard():
+            if self.crash_in_lock:
+                self._crash_halfway(d)
             self.data.add_(d)
+
+    def _crash_halfway(self, d: Tensor) -> None:
+        half = d.numel() // 2
+        self.data[:half].add_(d[:half])
+        os.kill(os.getpid(), 9)  # SIGKILL: no handler, no cleanup, the lock still held
 
     def snapshot(self) -> Tensor:
         """A consistent copy of the center (taken under the lock, so no half-applied update)."""
@@ -80,6 +142,8 @@ class SharedCenter:
         a = 1/(t+1) at the t-th update when average_rate is None (z = mean of all centers).
         """
         with self.guard():
+            if self.crash_in_lock:
+                self._crash_halfway(u)
             self.data.add_(u)
             if self.velocity is not None:
                 self.velocity.mul_(self.momentum).add_(u)
@@ -150,13 +214,19 @@ class CenterLink:
             # exchange is complete when this method returns.
             self.done.record()
             self.done.synchronize()
+            finite = bool(torch.isfinite(self.d_host).all())
             if barrier is not None:
-                barrier.wait()
+                barrier.wait()  # passed even when not finite: the others are waiting
+            if not finite:
+                raise Diverged("non-finite elastic difference")
             self.center.add_(self.d_host)
         else:
             d = rules.elastic_difference(y, self.center.data, alpha, v=v, momentum=momentum, out=self.d)
+            finite = bool(torch.isfinite(d).all())
             if barrier is not None:
-                barrier.wait()
+                barrier.wait()  # passed even when not finite: the others are waiting
+            if not finite:
+                raise Diverged("non-finite elastic difference")
             y.sub_(d)
             self.center.add_(d)
         self.exchanges += 1
@@ -171,11 +241,16 @@ class CenterLink:
             self.d_host.copy_(u, non_blocking=True)
             self.done.record()
             self.done.synchronize()
+            if not bool(torch.isfinite(self.d_host).all()):
+                raise Diverged("non-finite update")
             self.center.push_(self.d_host, average_rate)
             self.c_dev.copy_(self.center.data, non_blocking=True)
             y.copy_(self.c_dev)
         else:
-            self.center.push_(torch.sub(y, y_pulled, out=self.d), average_rate)
+            u = torch.sub(y, y_pulled, out=self.d)
+            if not bool(torch.isfinite(u).all()):
+                raise Diverged("non-finite update")
+            self.center.push_(u, average_rate)
             y.copy_(self.center.data)
         y_pulled.copy_(y)
         self.exchanges += 1
@@ -189,5 +264,7 @@ class CenterLink:
     @torch.no_grad()
     def publish(self, y: Tensor) -> None:
         """center = y, for single-worker runs without a center: the evaluator reads it there."""
+        if not bool(torch.isfinite(y).all()):
+            raise Diverged("non-finite parameters")
         with self.center.guard():
             self.center.data.copy_(y)

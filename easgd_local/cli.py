@@ -61,6 +61,9 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads per CPU worker (default: the cores split between the CPU workers).", rich_help_panel=SYSTEM_PANEL)] = None,
     lock: Annotated[bool, typer.Option("--lock/--no-lock", help="Guard the center update with a lock; --no-lock runs Hogwild-style.", rich_help_panel=SYSTEM_PANEL)] = True,
     eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center during training.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_every,
+    max_restarts: Annotated[int, typer.Option(help="Dead workers replaced (from the center) before the run gives up.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.max_restarts,
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints; one is also written at the end and on Ctrl-C.", rich_help_panel=OUTPUT_PANEL)] = TrainConfig.checkpoint_every,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint, with its saved configuration; stop options given here replace the saved ones.", rich_help_panel=OUTPUT_PANEL)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory. (default: runs/<timestamp>-<algo>-p<workers>)", rich_help_panel=OUTPUT_PANEL)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.", rich_help_panel=OUTPUT_PANEL)] = False,
 ) -> None:
@@ -73,9 +76,13 @@ def train(
         epochs=epochs, time_limit=time_limit, target_accuracy=target_accuracy, dataset=dataset.value, data_dir=data_dir,
         download=download, model=model.value, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        threads=threads, eval_every=eval_every, out=out, quiet=quiet)
+        threads=threads, eval_every=eval_every, out=out, quiet=quiet, max_restarts=max_restarts,
+        checkpoint_every=checkpoint_every)
+    checkpoint = None
+    if resume is not None:
+        config, checkpoint = _resumed(resume, config)
     reporter = None if quiet else ProgressReporter()
-    summary = run_training(config, reporter)
+    summary = run_training(config, reporter, checkpoint)
     if not quiet:
         print_summary(summary, config.out)
 
@@ -119,6 +126,29 @@ def bench(
     if not quiet:
         typer.echo(f"bench written to {options.out}", err=True)
     typer.echo(_bench.markdown_table(result), nl=False)
+
+
+STOP_FIELDS = ("steps", "epochs", "time_limit", "target_accuracy")
+
+
+def _resumed(run_dir: Path, given: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """The saved configuration of ``run_dir`` (stop conditions replaced by those given on the
+    command line, if any) and its newest readable checkpoint."""
+    import json
+
+    from .checkpoint import Checkpointer
+
+    try:
+        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({e})") from None
+    if any(getattr(given, f) is not None for f in STOP_FIELDS):
+        for f in STOP_FIELDS:
+            setattr(saved, f, getattr(given, f))
+    saved.out, saved.quiet = run_dir, given.quiet
+    return saved, Checkpointer(run_dir).load()
 
 
 class ProgressReporter:
@@ -170,6 +200,7 @@ def print_summary(summary: dict[str, Any], out: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: every usage or input error is one line on stderr and exit code 2."""
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .launcher import TrainError
     from .output import OutputError
@@ -186,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         typer.echo(f"error: {_one_line(e.format_message())}", err=True)
         return 2
-    except (ConfigError, DataError, OutputError) as e:
+    except (ConfigError, DataError, OutputError, CheckpointError) as e:
         typer.echo(f"error: {_one_line(str(e))}", err=True)
         return 2
     except TrainError as e:

@@ -86,6 +86,8 @@ class TrainConfig:
     threads: int | None = None  # intra-op threads per CPU worker; None: the cores split between them
     eval_every: float = 2.0  # seconds between evaluations of the center while training
     eval_batch_size: int = 1000
+    checkpoint_every: float | None = 60.0  # seconds between checkpoints (and one at the end)
+    max_restarts: int = 3  # dead workers replaced before the run gives up
     # Output
     out: Path | None = None  # None: runs/<timestamp>-<algo>-p<workers>
     quiet: bool = False
@@ -113,6 +115,10 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.checkpoint_every is not None and not self.checkpoint_every > 0:
+            raise ConfigError(f"--checkpoint-every must be > 0 seconds (got {self.checkpoint_every})")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0 (got {self.max_restarts})")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1 (got {self.threads})")
         if self.eval_every <= 0:

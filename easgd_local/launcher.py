@@ -2,7 +2,9 @@
 
 The main process owns every resource: the shared center, the channels, the processes. It
 never leaves without stopping and joining (or, past a grace period, killing) every worker,
-whatever ended the run: normal completion, a worker's error, or an interrupt.
+whatever ended the run: completion, a worker's error, an interrupt. A worker that dies (a
+crash, kill -9) is replaced by a fresh one that starts from the current center, up to
+--max-restarts times; its rank's step count and communication totals carry on.
 """
 
 from __future__ import annotations
@@ -11,21 +13,22 @@ import functools
 import logging
 import math
 import os
-import queue
-import shutil
-import tempfile
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_messages
 from typing import Any, Protocol
 
 import torch
 import torch.multiprocessing as mp
 
-from .algorithms import decide_stop
+from .algorithms import (BYTES, CHECKPOINT, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, GO, STOP,
+                         decide_stop)
 from .center import SharedCenter
+from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .evaluate import BackgroundEvaluator, Evaluator
-from .flat import flatten_
 from .output import RunDir, default_out
 from .worker import WorkerChannels, run_worker, steps_budget
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1  # how often the main process looks at its workers
 JOIN_GRACE_SECONDS = 5.0  # after stop: time a worker gets to exit before it is killed
 START_TIMEOUT_SECONDS = 600.0  # spawn + imports + data loading of the slowest worker
+STATE_TIMEOUT_SECONDS = 10.0  # how long a checkpoint waits for the workers' states
 
 
 class TrainError(RuntimeError):
@@ -55,20 +59,38 @@ class SilentReporter:
 
 
 @dataclass
+class _Worker:
+    rank: int
+    proc: Any
+    conn: Any  # read end of this worker's pipe
+    incarnation: int = 0
+    ready: bool = False
+    done: bool = False
+    restart_started: float | None = None
+
+
+@dataclass
 class _Run:
     config: TrainConfig
     ch: WorkerChannels
-    procs: list[Any]
+    ctx: Any
+    image_size: int
     out: RunDir
     evaluator: Evaluator
     reporter: Reporter
+    checkpointer: Checkpointer
+    workers: list[_Worker] = field(default_factory=list)
     t0: float = 0.0
     results: dict[int, dict] = field(default_factory=dict)
+    states: dict[int, bytes] = field(default_factory=dict)  # latest known state of each rank
+    checkpoint_seq: int = 0
+    restarts: int = 0
+    restart_seconds: list[float] = field(default_factory=list)
     last_accuracy: float | None = None
     background: BackgroundEvaluator | None = None
 
 
-def prepare(config: TrainConfig) -> tuple[RunDir, int]:
+def prepare(config: TrainConfig, resuming: bool = False) -> tuple[RunDir, int]:
     """Everything that can fail on bad input, before any process starts: values, data, --out.
 
     Returns the run directory (created, config.json written) and the model's input size.
@@ -85,16 +107,22 @@ def prepare(config: TrainConfig) -> tuple[RunDir, int]:
     if config.out is None:
         config.out = default_out(config.algo, config.workers)
     out = RunDir(config.out)
-    out.create()
+    if not resuming:
+        out.create()
     out.write_json("config.json", config.to_dict())
     return out, image_size
 
 
-def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run one training job described by ``config``; returns the summary (also in summary.json)."""
+def train(config: TrainConfig, reporter: Reporter | None = None,
+          resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one training job described by ``config``; returns the summary (also in summary.json).
+
+    ``resume``: a loaded checkpoint (checkpoint.Checkpointer.load) of the run in config.out;
+    the workers, the center, the step counters and the time axis continue from it.
+    """
     reporter = reporter or SilentReporter()
     t_start = time.perf_counter()
-    out, image_size = prepare(config)
+    out, image_size = prepare(config, resuming=resume is not None)
     ctx = mp.get_context("spawn")
 
     eval_device = next((d for d in config.worker_devices if d.startswith("cuda")), "cpu")
@@ -104,112 +132,214 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict[str, An
         torch.set_num_threads(1)
     torch.manual_seed(config.seed)  # the initial weights every worker starts from
     evaluator = Evaluator(config, image_size, eval_device)
-    init = evaluator.state.flat.detach().cpu()
-    spec = config.spec
-    stop = ctx.Event()
-    agreed = torch.zeros(1, dtype=torch.int64).share_memory_()
-    ch = WorkerChannels(
-        center=SharedCenter(init, ctx, lock=config.lock, average=spec.averaged,
-                            momentum=config.resolved_momentum if spec.master_momentum else 0.0),
-        steps=torch.zeros(config.workers, dtype=torch.int64).share_memory_(),
-        losses=torch.full((config.workers,), float("nan"), dtype=torch.float64).share_memory_(),
-        messages=ctx.Queue(), go=ctx.Event(), stop=stop, agreed=agreed,
-        barrier=(ctx.Barrier(config.workers, action=functools.partial(decide_stop, stop, agreed))
-                 if spec.synchronous else None))
-    rendezvous_dir = tempfile.mkdtemp(prefix="easgd-ddp-") if spec.ddp else None
-    if rendezvous_dir:
-        ch.rendezvous = os.path.join(rendezvous_dir, "store")
-    run = _Run(config, ch, [], out, evaluator, reporter)
+    ch = _channels(config, ctx, evaluator.state.flat.detach().cpu(), resume)
+    run = _Run(config, ch, ctx, image_size, out, evaluator, reporter, Checkpointer(out.path))
+    if resume is not None:
+        run.restarts = int(resume["restarts"])
+        run.states = dict(resume["workers"])
     try:
         for rank in range(config.workers):
-            p = ctx.Process(target=run_worker, name=f"easgd-worker-{rank}",
-                            args=(rank, config, ch, os.getpid(), image_size))
-            p.start()
-            run.procs.append(p)
+            _spawn(run, rank, 0, run.states.get(rank))
         run.background = BackgroundEvaluator(evaluator, functools.partial(_record, run))
         train_size = _await_ready(run)
         startup = time.perf_counter() - t_start
         budget = steps_budget(config, train_size)
         reporter.started(config, None if budget is None else budget * config.batch_size * config.workers)
-        run.t0 = time.perf_counter()
-        ch.go.set()
-        train_seconds = _supervise(run)
+        # The time axis continues across a resume.
+        run.t0 = time.perf_counter() - (float(resume["elapsed"]) if resume is not None else 0.0)
+        ch.control[GO] = 1
+        try:
+            train_seconds = _supervise(run)
+        except KeyboardInterrupt:
+            _interrupted(run)
+            raise
         summary = _finish(run, startup, train_seconds)
+    except TrainError:
+        _stop_workers(run)
+        _save_checkpoint(run, time.perf_counter() - run.t0 if run.t0 else 0.0)
+        raise
     finally:
         _shutdown(run)
-        if rendezvous_dir:
-            shutil.rmtree(rendezvous_dir, ignore_errors=True)
         torch.set_num_threads(threads)
         reporter.finished()
     return summary
 
 
-def _handle(run: _Run, msg: tuple) -> None:
+def _channels(config: TrainConfig, ctx: Any, init: torch.Tensor, resume: dict[str, Any] | None) -> WorkerChannels:
+    spec = config.spec
+    center = SharedCenter(resume["center"] if resume is not None else init, lock=config.lock,
+                          average=spec.averaged,
+                          momentum=config.resolved_momentum if spec.master_momentum else 0.0)
+    steps = torch.zeros(config.workers, dtype=torch.int64)
+    counters = torch.zeros(config.workers, 4, dtype=torch.float64)
+    losses = torch.full((config.workers,), float("nan"), dtype=torch.float64)
+    if resume is not None:
+        for name in ("velocity", "average"):
+            if getattr(center, name) is not None and resume[name] is not None:
+                getattr(center, name).copy_(resume[name])
+        center.clock.copy_(resume["clock"])
+        steps.copy_(resume["steps"])
+        counters.copy_(resume["counters"])
+        losses.copy_(resume["losses"])
+    control = torch.zeros(3, dtype=torch.int64).share_memory_()
+    agreed = torch.zeros(1, dtype=torch.int64).share_memory_()
+    ch = WorkerChannels(
+        center=center, steps=steps.share_memory_(), losses=losses.share_memory_(),
+        control=control, counters=counters.share_memory_(), agreed=agreed,
+        barrier=(ctx.Barrier(config.workers, action=functools.partial(decide_stop, control, agreed))
+                 if spec.synchronous else None))
+    if spec.ddp:
+        # The process group meets at a file in the run directory (removed at the end).
+        ch.rendezvous = str(config.out / ".ddp-rendezvous")
+    return ch
+
+
+def _spawn(run: _Run, rank: int, incarnation: int, resume: bytes | None) -> _Worker:
+    reader, writer = run.ctx.Pipe(duplex=False)
+    proc = run.ctx.Process(target=run_worker, name=f"easgd-worker-{rank}",
+                           args=(rank, run.config, run.ch, writer, os.getpid(), run.image_size,
+                                 incarnation, resume))
+    proc.start()
+    # Only the worker may hold the write end: when it dies, the read end sees EOF at once.
+    writer.close()
+    worker = _Worker(rank, proc, reader, incarnation)
+    if rank < len(run.workers):
+        run.workers[rank] = worker
+    else:
+        run.workers.append(worker)
+    return worker
+
+
+def _receive(run: _Run, timeout: float) -> None:
+    """Handle every message that arrives within ``timeout``; a closed pipe is a dead worker."""
+    live = {w.conn: w for w in run.workers if not w.done}
+    for conn in wait_for_messages(list(live), timeout=timeout):
+        worker = live[conn]
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            _on_death(run, worker)
+            continue
+        _handle(run, worker, msg)
+
+
+def _handle(run: _Run, worker: _Worker, msg: tuple) -> None:
     kind, rank = msg[0], msg[1]
-    if kind == "error":
+    if kind == "ready":
+        worker.ready = True
+        if worker.restart_started is not None:
+            took = time.perf_counter() - worker.restart_started
+            run.restart_seconds.append(round(took, 3))
+            log.warning("worker %d restarted from the center in %.1f s", rank, took)
+            worker.restart_started = None
+    elif kind == "event":
+        log.warning("%s", msg[2])
+    elif kind == "state":
+        run.states[rank] = msg[3]
+    elif kind == "done":
+        run.results[rank] = msg[2]
+        run.states[rank] = msg[3]
+        worker.done = True
+    elif kind == "error":
+        worker.done = True
         log.debug("worker %d traceback:\n%s", rank, msg[3])
         raise TrainError(f"worker {rank} failed: {msg[2]}")
-    if kind == "done":
-        run.results[rank] = msg[2]
 
 
-def _check_alive(run: _Run, expected: set[int]) -> None:
-    for rank, p in enumerate(run.procs):
-        if rank in expected and p.exitcode is not None:
-            # It may have reported just before exiting: read what is queued first.
-            _drain(run)
-            if rank in expected - set(run.results):
-                raise TrainError(f"worker {rank} exited with code {p.exitcode} without reporting")
-
-
-def _drain(run: _Run) -> None:
-    while True:
-        try:
-            _handle(run, run.ch.messages.get_nowait())
-        except queue.Empty:
-            return
+def _on_death(run: _Run, worker: _Worker) -> None:
+    """A worker's pipe closed without a "done": it died. Replace it, or end the run."""
+    worker.proc.join(timeout=5)
+    code = worker.proc.exitcode
+    worker.conn.close()
+    worker.done = True  # this process is over, whatever happens to its rank
+    rank, config = worker.rank, run.config
+    if run.ch.control[STOP]:
+        return  # died while the run was ending anyway: nothing to replace
+    if config.spec.synchronous:
+        raise TrainError(f"worker {rank} died (exit code {code}); {config.algo} moves all workers "
+                         "together and cannot go on without it")
+    if not worker.ready and worker.incarnation == 0:
+        raise TrainError(f"worker {rank} exited with code {code} while starting")
+    if run.restarts >= config.max_restarts:
+        raise TrainError(f"worker {rank} died (exit code {code}) and --max-restarts "
+                         f"{config.max_restarts} restart(s) are used up; checkpoint in "
+                         f"{run.checkpointer.dir}")
+    run.restarts += 1
+    log.warning("worker %d died (exit code %s); restarting it from the center (%d of %d)",
+                rank, code, run.restarts, config.max_restarts)
+    new = _spawn(run, rank, worker.incarnation + 1, None)
+    new.restart_started = time.perf_counter()
 
 
 def _await_ready(run: _Run) -> int:
     """Wait for every worker's ("ready", rank, train_size); returns the training-set size."""
-    ready: set[int] = set()
-    train_size = 0
     deadline = time.perf_counter() + START_TIMEOUT_SECONDS
-    while len(ready) < len(run.procs):
-        try:
-            msg = run.ch.messages.get(timeout=POLL_SECONDS)
-        except queue.Empty:
-            _check_alive(run, set(range(len(run.procs))) - ready)
-            if time.perf_counter() > deadline:
-                raise TrainError(f"workers not ready after {START_TIMEOUT_SECONDS:.0f} s") from None
-            continue
-        if msg[0] == "ready":
-            ready.add(msg[1])
-            train_size = msg[2]
-        else:
-            _handle(run, msg)
+    train_size = 0
+    while not all(w.ready for w in run.workers):
+        live = {w.conn: w for w in run.workers if not w.ready}
+        for conn in wait_for_messages(list(live), timeout=POLL_SECONDS):
+            worker = live[conn]
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                worker.proc.join(timeout=5)
+                raise TrainError(f"worker {worker.rank} exited with code {worker.proc.exitcode} "
+                                 "while starting") from None
+            if msg[0] == "ready":
+                train_size = msg[2]
+            _handle(run, worker, msg)
+        if time.perf_counter() > deadline:
+            raise TrainError(f"workers not ready after {START_TIMEOUT_SECONDS:.0f} s")
     return train_size
 
 
 def _supervise(run: _Run) -> float:
-    """Until every worker is done: progress, snapshots of the center, the time limit, liveness."""
+    """Until every worker is done: messages, deaths, snapshots, checkpoints, the time limit."""
     config, ch = run.config, run.ch
-    next_eval = run.t0 + config.eval_every
-    while len(run.results) < len(run.procs):
-        try:
-            _handle(run, ch.messages.get(timeout=POLL_SECONDS))
-        except queue.Empty:
-            pass
+    now = time.perf_counter()
+    next_eval = now + config.eval_every
+    next_checkpoint = now + config.checkpoint_every if config.checkpoint_every else math.inf
+    while not all(w.done for w in run.workers):
+        _receive(run, POLL_SECONDS)
         now = time.perf_counter()
         elapsed = now - run.t0
-        if config.time_limit is not None and elapsed >= config.time_limit and not ch.stop.is_set():
-            ch.stop.set()
-        if now >= next_eval and len(run.results) < len(run.procs):
+        if config.time_limit is not None and elapsed >= config.time_limit:
+            ch.control[STOP] = 1
+        if now >= next_eval and not all(w.done for w in run.workers):
             run.background.submit(*_snapshot(run, elapsed))
             next_eval += config.eval_every * max(1, math.ceil((now - next_eval) / config.eval_every))
+        if now >= next_checkpoint:
+            _checkpoint_now(run, elapsed)
+            next_checkpoint = time.perf_counter() + config.checkpoint_every
         run.reporter.progress(int(ch.steps.sum()) * config.batch_size, elapsed, run.last_accuracy)
-        _check_alive(run, set(range(len(run.procs))) - set(run.results))
     return time.perf_counter() - run.t0
+
+
+def _checkpoint_now(run: _Run, elapsed: float) -> None:
+    """Ask every worker for its state, collect what arrives, write the checkpoint."""
+    run.checkpoint_seq += 1
+    run.ch.control[CHECKPOINT] = run.checkpoint_seq
+    pending = {w.rank for w in run.workers if not w.done and w.ready}
+    deadline = time.perf_counter() + STATE_TIMEOUT_SECONDS
+    before = dict(run.states)
+    while pending and time.perf_counter() < deadline:
+        _receive(run, POLL_SECONDS)
+        pending = {r for r in pending if run.states.get(r) is before.get(r) and not run.workers[r].done}
+    _save_checkpoint(run, elapsed)
+
+
+def _save_checkpoint(run: _Run, elapsed: float) -> None:
+    c = run.ch.center
+    with c.guard():
+        payload = {
+            "center": c.data.clone(),
+            "velocity": None if c.velocity is None else c.velocity.clone(),
+            "average": None if c.average is None else c.average.clone(),
+            "clock": c.clock.clone()}
+    payload.update({"steps": run.ch.steps.clone(), "counters": run.ch.counters.clone(),
+                    "losses": run.ch.losses.clone(), "workers": dict(run.states),
+                    "elapsed": elapsed, "restarts": run.restarts})
+    run.checkpointer.save(payload)
 
 
 def _snapshot(run: _Run, elapsed: float) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -229,30 +359,31 @@ def _record(run: _Run, record: dict[str, Any]) -> None:
     run.reporter.evaluated(record)
     target = run.config.target_accuracy
     if target is not None and record["test_accuracy"] >= target:
-        run.ch.stop.set()
+        run.ch.control[STOP] = 1
 
 
 def _finish(run: _Run, startup: float, train_seconds: float) -> dict[str, Any]:
-    config = run.config
+    config, ch = run.config, run.ch
+    _save_checkpoint(run, train_seconds)
     run.background.drain()  # snapshots still waiting, now that the workers are done
     snapshot, final = _snapshot(run, train_seconds)
     final["test_loss"], final["test_accuracy"] = run.evaluator.evaluate(snapshot)
     _record(run, final)
-    res = [run.results[r] for r in range(len(run.procs))]
-    samples = sum(r["samples"] for r in res)
-    worker_seconds = sum(r["train_seconds"] for r in res)
+    counters = ch.counters.sum(0).tolist()
+    samples = int(ch.steps.sum()) * config.batch_size
     summary = {
         "algo": config.algo, "workers": config.workers, "devices": config.worker_devices,
         "tau": config.tau, "alpha": config.resolved_alpha, "momentum": config.resolved_momentum,
         "lr": config.lr, "batch_size": config.batch_size, "weight_decay": config.weight_decay,
         "dataset": config.dataset, "model": config.model, "lock": config.lock,
-        "steps_per_worker": [r["steps"] for r in res], "total_samples": samples,
+        "steps_per_worker": ch.steps.tolist(), "total_samples": samples,
         "startup_seconds": round(startup, 3), "train_seconds": round(train_seconds, 3),
         "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
-        "exchanges": sum(r["exchanges"] for r in res),
-        "bytes_exchanged": sum(r["bytes_exchanged"] for r in res),
-        "exchange_fraction": (sum(r["exchange_seconds"] for r in res) / worker_seconds
-                              if worker_seconds > 0 else 0.0),
+        "exchanges": int(counters[EXCHANGES]), "bytes_exchanged": int(counters[BYTES]),
+        "exchange_fraction": counters[EXCHANGE_SECONDS] / (config.workers * train_seconds)
+        if train_seconds > 0 else 0.0,
+        "worker_restarts": run.restarts, "restart_seconds": run.restart_seconds,
+        "divergences": int(counters[DIVERGENCES]),
         "final_test_accuracy": final["test_accuracy"], "final_test_loss": final["test_loss"],
         "final_train_loss": final["train_loss"],
     }
@@ -261,33 +392,70 @@ def _finish(run: _Run, startup: float, train_seconds: float) -> dict[str, Any]:
     return summary
 
 
+def _stop_workers(run: _Run, wait: float = JOIN_GRACE_SECONDS - 1.0) -> None:
+    """Tell the workers to stop and collect their final states for a while."""
+    run.ch.control[STOP] = 1
+    run.ch.control[GO] = 1  # a worker still waiting to start sees STOP right after GO
+    if run.ch.barrier is not None:
+        run.ch.barrier.abort()  # release workers waiting for a peer that will not come
+    deadline = time.perf_counter() + wait
+    while not all(w.done for w in run.workers) and time.perf_counter() < deadline:
+        try:
+            _receive(run, POLL_SECONDS)
+        except TrainError:
+            pass  # errors while stopping (an aborted barrier) change nothing now
+
+
+def _interrupted(run: _Run) -> None:
+    """SIGINT/SIGTERM: stop the workers, keep a final checkpoint. A second SIGINT kills at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, functools.partial(_kill_now, run))
+    try:
+        _stop_workers(run)
+        _save_checkpoint(run, time.perf_counter() - run.t0)
+        log.warning("interrupted: checkpoint written to %s", run.checkpointer.current)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _kill_now(run: _Run, signum: int, frame: Any) -> None:
+    for w in run.workers:
+        if w.proc.is_alive():
+            w.proc.kill()
+    raise KeyboardInterrupt
+
+
 def _shutdown(run: _Run) -> None:
-    """Stop, join, and if need be kill every worker; release the queue's feeder thread."""
+    """Stop, join, and if need be kill every worker; stop the evaluator thread."""
+    run.ch.control[STOP] = 1
+    run.ch.control[GO] = 1
+    if run.ch.barrier is not None and not all(w.done for w in run.workers):
+        run.ch.barrier.abort()
+    deadline = time.monotonic() + JOIN_GRACE_SECONDS
+    for w in run.workers:
+        while w.proc.is_alive() and time.monotonic() < deadline:
+            _discard_messages(w)
+            w.proc.join(timeout=POLL_SECONDS)
+    for w in run.workers:
+        if w.proc.is_alive():
+            log.warning("worker %s did not stop in %.0f s; killing it", w.proc.name, JOIN_GRACE_SECONDS)
+            w.proc.kill()
+            w.proc.join()
+        w.conn.close()
     if run.background is not None and run.background.thread.is_alive():
         run.background.close()
-    run.ch.stop.set()
-    run.ch.go.set()  # a worker still waiting to start sees stop right after go
-    if run.ch.barrier is not None and len(run.results) < len(run.procs):
-        run.ch.barrier.abort()  # release workers waiting for a peer that will not come
-    deadline = time.monotonic() + JOIN_GRACE_SECONDS
-    for p in run.procs:
-        while p.is_alive() and time.monotonic() < deadline:
-            _drain_quietly(run)
-            p.join(timeout=POLL_SECONDS)
-    for p in run.procs:
-        if p.is_alive():
-            log.warning("worker %s did not stop in %.0f s; killing it", p.name, JOIN_GRACE_SECONDS)
-            p.kill()
-            p.join()
-    _drain_quietly(run)
-    run.ch.messages.close()
-    run.ch.messages.join_thread()
+    if run.ch.rendezvous:
+        for path in (run.ch.rendezvous,):
+            if os.path.exists(path):
+                os.unlink(path)
+    run.ch.center.close()
 
 
-def _drain_quietly(run: _Run) -> None:
-    # A worker blocks at exit until what it queued is read: keep reading while joining.
+def _discard_messages(worker: _Worker) -> None:
+    # A worker blocks in send() while its pipe is full: keep reading while joining.
     try:
-        while True:
-            run.ch.messages.get_nowait()
-    except (queue.Empty, OSError, ValueError):
+        while not worker.conn.closed and worker.conn.poll():
+            worker.conn.recv()
+    except (EOFError, OSError):
         pass

@@ -6,6 +6,7 @@ a data set or model needs it): every spawned worker pays its own start-up.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -19,13 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from . import algorithms, rules
-from .center import CenterLink, SharedCenter
+from .algorithms import BYTES, CHECKPOINT, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, GO, STOP
+from .center import CenterLink, Diverged, SharedCenter
 from .config import TrainConfig, cpu_threads_per_worker
 from .flat import check_views, flatten_
 
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_EVERY = 50  # steps between checks that the main process is still alive
+
+
+FAULT_ENV = "EASGD_LOCAL_FAULT"  # "rank:step:kind" for tests; see _Fault
 
 
 @dataclass
@@ -35,12 +40,14 @@ class WorkerChannels:
     center: SharedCenter
     steps: torch.Tensor  # int64 [workers]: local steps done, written by each worker
     losses: torch.Tensor  # float64 [workers]: mean training loss since the last report
-    messages: Any  # Queue: ("ready", rank, train_size) | ("done", rank, stats) | ("error", rank, text)
-    go: Any  # Event: set by the main process when every worker is ready
-    stop: Any  # Event: set by the main process to end training
+    control: torch.Tensor  # int64 [3]: GO, STOP, CHECKPOINT (the sequence number asked for)
+    counters: torch.Tensor  # float64 [workers, 4]: EXCHANGES, BYTES, EXCHANGE_SECONDS, DIVERGENCES
     barrier: Any = None  # Barrier of the synchronous algorithms (its action fills `agreed`)
     agreed: torch.Tensor | None = None  # int64 [1]: the stop decision taken at the barrier
     rendezvous: str | None = None  # DDP: path of the file the process group meets at
+
+    def stopping(self) -> bool:
+        return bool(self.control[STOP])
 
 
 def steps_budget(config: TrainConfig, train_size: int) -> int | None:
@@ -57,23 +64,58 @@ def steps_budget(config: TrainConfig, train_size: int) -> int | None:
     return min(budgets) if budgets else None
 
 
-def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int,
-               image_size: int) -> None:
-    """Entry point of a spawned worker. Reports errors to the main process instead of raising."""
+def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent_pid: int,
+               image_size: int, incarnation: int = 0, resume: bytes | None = None) -> None:
+    """Entry point of a spawned worker. Reports through ``conn`` (its own pipe to the main
+    process) instead of raising. ``incarnation`` > 0: a restart after the previous process of
+    this rank died; ``resume``: a saved worker state to continue from."""
     # Ctrl-C reaches the whole process group; the main process alone decides how the run
-    # ends and tells the workers through `stop`, so a worker never dies mid-exchange.
+    # ends and tells the workers through STOP, so a worker never dies mid-exchange.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        stats = _train(rank, config, ch, parent_pid, image_size)
-        ch.messages.put(("done", rank, stats))
-    except _ParentGone:
-        pass
+        stats, state = _train(rank, config, ch, conn, parent_pid, image_size, incarnation, resume)
+        conn.send(("done", rank, stats, state))
+    except (_ParentGone, BrokenPipeError):
+        pass  # the main process is gone: nobody to report to
     except BaseException as e:  # report everything, then exit
-        ch.messages.put(("error", rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        try:
+            conn.send(("error", rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        except OSError:
+            pass
 
 
 class _ParentGone(Exception):
     pass
+
+
+class _Fault:
+    """Fault injection for tests: EASGD_LOCAL_FAULT="rank:step:kind[,...]" makes the first
+    process of that rank fail at that local step. Kinds: exit (exit code 3), kill (SIGKILL),
+    kill-in-lock (SIGKILL halfway through adding an exchange to the center, lock held),
+    nan (the worker's parameters become NaN), hang (stop making progress)."""
+
+    def __init__(self, rank: int, incarnation: int):
+        self.at: dict[int, str] = {}
+        if incarnation:
+            return  # a restarted worker runs clean, or a test would crash it forever
+        for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+            r, step, kind = item.split(":")
+            if int(r) == rank:
+                self.at[int(step)] = kind
+
+    def __call__(self, step: int, y: torch.Tensor, center: SharedCenter) -> None:
+        kind = self.at.get(step)
+        if kind == "exit":
+            os._exit(3)
+        elif kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "kill-in-lock":
+            center.crash_in_lock = True
+        elif kind == "nan":
+            y.fill_(float("nan"))
+        elif kind == "hang":
+            while True:
+                time.sleep(1)
 
 
 def _check_parent(parent_pid: int) -> None:
@@ -82,12 +124,24 @@ def _check_parent(parent_pid: int) -> None:
         raise _ParentGone()
 
 
-def _wait(event: Any, parent_pid: int) -> None:
-    while not event.wait(0.5):
+def _wait_for_go(ch: WorkerChannels, parent_pid: int) -> None:
+    while not ch.control[GO]:
         _check_parent(parent_pid)
+        time.sleep(0.01)
 
 
-def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, image_size: int) -> dict:
+def _pack(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack_state(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent_pid: int,
+           image_size: int, incarnation: int, resume: bytes | None) -> tuple[dict, bytes]:
     from .data import load_split
     from .models import build_model
 
@@ -102,7 +156,8 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 init_method=f"file://{ch.rendezvous}", rank=rank,
                                 world_size=config.workers)
-    torch.manual_seed(config.seed + rank)  # dropout and other model randomness
+    # dropout and other model randomness; a restarted worker draws fresh numbers
+    torch.manual_seed(config.seed + rank + 1000 * incarnation)
 
     data = load_split(config.dataset, config.data_dir, train=True, device=device,
                       image_size=image_size)
@@ -110,7 +165,7 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, 
     state = flatten_(model, device)
     model.train()
     link = CenterLink(ch.center, device)
-    link.pull(state.flat)  # x^i = x~ at start
+    link.pull(state.flat)  # x^i = x~ at start, and after a restart
 
     spec = config.spec
     momentum = config.resolved_momentum if spec.local_momentum else 0.0
@@ -120,63 +175,114 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, parent_pid: int, 
     if spec.ddp:
         _time_allreduce(forward, comm)
     budget = steps_budget(config, len(data))
-    gen = torch.Generator().manual_seed(config.seed + rank)  # this worker's data order
+    gen = torch.Generator().manual_seed(config.seed + rank + 1000 * incarnation)  # data order
+    step = int(ch.steps[rank])  # a restarted worker continues its rank's count
+    if resume is not None:
+        step = _restore(unpack_state(resume), state.flat, v, gen, comm)
+        ch.steps[rank] = step
+    fault = _Fault(rank, incarnation)
 
-    ch.messages.put(("ready", rank, len(data)))
-    _wait(ch.go, parent_pid)
+    def snapshot() -> bytes:
+        return _pack({"flat": state.flat.cpu(), "v": None if v is None else v.cpu(), "step": step,
+                      "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                      "comm": comm.state_dict()})
 
-    step = 0
+    conn.send(("ready", rank, len(data)))
+    _wait_for_go(ch, parent_pid)
+
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    checkpoint_seq = int(ch.control[CHECKPOINT])
+    seconds_before = comm.seconds
     t0 = time.perf_counter()
-    running = True
+    running = budget is None or step < budget
     while running:
         epoch_start = step
         for x, y in data.batches(config.batch_size, generator=gen):
+            fault(step, state.flat, ch.center)
             state.grad.zero_()
             loss = F.cross_entropy(forward(x), y)
             loss.backward()
             rules.add_weight_decay_(state.grad, state.flat, config.weight_decay)
-            # Communication comes after the gradient: Algorithms 1 and 2 take the gradient at
-            # the point before the elastic move, and both moves are then added.
-            if not comm.before_step(step, state.flat, v):
-                running = False
-                break
-            rules.local_step_(state.flat, state.grad, config.lr, v=v, momentum=momentum)
-            comm.after_step(step, state.flat, v)
+            try:
+                # Communication comes after the gradient: Algorithms 1 and 2 take the gradient
+                # at the point before the elastic move, and both moves are then added.
+                if not comm.before_step(step, state.flat, v):
+                    running = False
+                    break
+                rules.local_step_(state.flat, state.grad, config.lr, v=v, momentum=momentum)
+                comm.after_step(step, state.flat, v)
+            except Diverged as e:
+                # Nothing reached the center: start again from it, with fresh momentum.
+                link.pull(state.flat)
+                if v is not None:
+                    v.zero_()
+                comm.reset(state.flat)
+                ch.counters[rank, DIVERGENCES] += 1
+                conn.send(("event", rank, f"worker {rank} diverged at step {step} ({e}); "
+                           "its exchange was skipped and it restarts from the center"))
             loss_sum += loss.detach()
             loss_count += 1
             step += 1
             ch.steps[rank] = step
-            if step == 1 and not check_views(state):
+            if step - epoch_start == 1 and not check_views(state):
                 raise RuntimeError(f"model {config.model} detached its parameters from the flat buffer")
             if step % config.tau == 0:
                 # .item() waits for the device; done once per period, not per step.
-                ch.losses[rank] = loss_sum.item() / loss_count
+                mean = loss_sum.item() / loss_count
+                if math.isfinite(mean):
+                    ch.losses[rank] = mean
                 loss_sum.zero_()
                 loss_count = 0
+                _count(ch, rank, comm, seconds_before)
+                seconds_before = comm.seconds
+            if int(ch.control[CHECKPOINT]) != checkpoint_seq:
+                checkpoint_seq = int(ch.control[CHECKPOINT])
+                conn.send(("state", rank, checkpoint_seq, snapshot()))
             if step % PARENT_CHECK_EVERY == 0:
                 _check_parent(parent_pid)
             # Synchronous algorithms agree on stopping at their barrier instead.
-            if (budget is not None and step >= budget) or (not spec.synchronous and ch.stop.is_set()):
+            if (budget is not None and step >= budget) or (not spec.synchronous and ch.stopping()):
                 running = False
                 break
         if step == epoch_start and running:
             raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(data)} training samples")
-    comm.finish(state.flat, v)
+    try:
+        comm.finish(state.flat, v)
+    except Diverged:
+        pass  # the last updates were not finite: they stay out of the center
+    _count(ch, rank, comm, seconds_before)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = time.perf_counter() - t0
-    if loss_count:
+    if loss_count and math.isfinite(loss_sum.item() / loss_count):
         ch.losses[rank] = loss_sum.item() / loss_count
     link.close()
     if spec.ddp:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return {"steps": step, "samples": step * config.batch_size, "exchanges": comm.exchanges,
-            "bytes_exchanged": comm.bytes, "exchange_seconds": comm.seconds,
-            "train_seconds": train_time}
+    return {"steps": step, "train_seconds": train_time}, snapshot()
+
+
+def _count(ch: WorkerChannels, rank: int, comm: algorithms.Communicator, seconds_before: float) -> None:
+    """Publish this process's communication totals into its rank's cumulative counters."""
+    ch.counters[rank, EXCHANGES] = ch.counters[rank, EXCHANGES].item() + comm.exchanges - comm.counted[0]
+    ch.counters[rank, BYTES] = ch.counters[rank, BYTES].item() + comm.bytes - comm.counted[1]
+    ch.counters[rank, EXCHANGE_SECONDS] += comm.seconds - seconds_before
+    comm.counted = (comm.exchanges, comm.bytes)
+
+
+def _restore(saved: dict, flat: torch.Tensor, v: torch.Tensor | None, gen: torch.Generator,
+             comm: algorithms.Communicator) -> int:
+    """Load a checkpointed worker state; returns its step."""
+    flat.copy_(saved["flat"])
+    if v is not None and saved["v"] is not None:
+        v.copy_(saved["v"])
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    comm.load_state_dict(saved["comm"], flat)
+    return int(saved["step"])
 
 
 def _communicator(rank: int, config: TrainConfig, ch: WorkerChannels, link: CenterLink,

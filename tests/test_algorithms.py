@@ -36,7 +36,7 @@ def _center(config):
 # --- the master side, in one process -------------------------------------------------------
 
 def test_average_of_all_centers():
-    center = SharedCenter(torch.zeros(3), mp.get_context("spawn"), average=True)
+    center = SharedCenter(torch.zeros(3), average=True)
     seen = [center.data.clone()]
     for k in range(5):
         center.push_(torch.full((3,), float(k + 1)))
@@ -45,14 +45,14 @@ def test_average_of_all_centers():
 
 
 def test_moving_average_rate():
-    center = SharedCenter(torch.zeros(2), mp.get_context("spawn"), average=True)
+    center = SharedCenter(torch.zeros(2), average=True)
     center.push_(torch.ones(2), average_rate=0.001)
     torch.testing.assert_close(center.average, torch.full((2,), 0.001))
 
 
 def test_master_momentum_is_nesterov_on_pushed_updates():
     """One worker pushing u = -lr g every step through master momentum = MSGD on that worker."""
-    center = SharedCenter(torch.tensor([2.0, -1.0]), mp.get_context("spawn"), momentum=0.9)
+    center = SharedCenter(torch.tensor([2.0, -1.0]), momentum=0.9)
     y = center.data.clone()
     v = torch.zeros(2)
     for _ in range(20):

@@ -61,7 +61,7 @@ def _run(target, args_list, collect=None):
 def test_children_see_and_write_the_same_center():
     before = _shm()
     ctx = mp.get_context("spawn")
-    center = SharedCenter(torch.zeros(N), ctx)
+    center = SharedCenter(torch.zeros(N))
     _run(_write_pattern, [(center, 3.5)])
     assert torch.all(center.data == 3.5)
     del center
@@ -71,7 +71,7 @@ def test_children_see_and_write_the_same_center():
 
 def test_no_lost_addition_under_the_lock():
     ctx = mp.get_context("spawn")
-    center = SharedCenter(torch.zeros(N), ctx, lock=True)
+    center = SharedCenter(torch.zeros(N), lock=True)
     procs, times = 3, 300
     _run(_add_ones, [(center, times)] * procs)
     # Integers up to 900 are exact in float32: any lost += would show as a smaller value.
@@ -83,7 +83,7 @@ def test_exchanges_conserve_the_sum_of_workers_and_center():
     whole, center + sum of workers = initial values + all local drift, whatever the interleaving."""
     ctx = mp.get_context("spawn")
     c0 = torch.randn(N, generator=torch.Generator().manual_seed(99))
-    center = SharedCenter(c0, ctx, lock=True)
+    center = SharedCenter(c0, lock=True)
     result = ctx.Queue()
     procs, times = 3, 100
     got = _run(_exchanges, [(center, r, times, result) for r in range(procs)],
@@ -97,7 +97,7 @@ def test_exchanges_conserve_the_sum_of_workers_and_center():
 
 
 def test_snapshot_is_a_copy():
-    center = SharedCenter(torch.arange(4.0), mp.get_context("spawn"))
+    center = SharedCenter(torch.arange(4.0))
     snap = center.snapshot()
     center.add_(torch.ones(4))
     assert torch.equal(snap, torch.arange(4.0))
@@ -106,7 +106,7 @@ def test_snapshot_is_a_copy():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_link_registers_shared_pages_and_exchanges():
-    center = SharedCenter(torch.zeros(1024), mp.get_context("spawn"))
+    center = SharedCenter(torch.zeros(1024))
     link = CenterLink(center, torch.device("cuda:0"))
     try:
         assert center.data.is_pinned()  # page-locked in place, not a pinned copy

@@ -1,0 +1,66 @@
+"""Checkpoints of a run: the center, the master's state, every worker's state, the counters.
+
+One file, ``checkpoint/state.pt``, written atomically (temporary file, flush, fsync, rename);
+before a new one replaces it, the current one becomes ``state.prev.pt``. A checkpoint that
+cannot be read (truncated, corrupt) is reported in one line and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .output import atomic_write
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+KEYS = ("version", "center", "velocity", "average", "clock", "steps", "counters", "losses",
+        "workers", "elapsed", "restarts")
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint; ``str(error)`` is one line."""
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / "checkpoint"
+        self.current = self.dir / "state.pt"
+        self.previous = self.dir / "state.prev.pt"
+
+    def save(self, payload: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        payload = {"version": VERSION, **payload}
+        tmp = self.dir / "state.next.pt"
+        atomic_write(tmp, lambda f: torch.save(payload, f), binary=True)
+        # Keep the previous checkpoint until the new one is in place: a crash between the two
+        # renames leaves state.prev.pt, which load() falls back to.
+        if self.current.exists():
+            os.replace(self.current, self.previous)
+        os.replace(tmp, self.current)
+
+    def load(self) -> dict[str, Any]:
+        """The newest readable checkpoint; CheckpointError when there is none."""
+        problems = []
+        for path in (self.current, self.previous):
+            if not path.exists():
+                continue
+            try:
+                payload = torch.load(path, weights_only=False, map_location="cpu")
+                missing = [k for k in KEYS if k not in payload] if isinstance(payload, dict) else ["all"]
+                if missing or payload["version"] != VERSION:
+                    raise ValueError(f"not a checkpoint of this version (missing {missing})")
+                if path is self.previous:
+                    log.warning("checkpoint %s is unreadable (%s); resuming from the previous one",
+                                self.current, problems[-1] if problems else "missing")
+                return payload
+            except Exception as e:  # truncated zip, unpickling error, wrong content
+                problems.append(f"{path.name}: {type(e).__name__}: {' '.join(str(e).split())[:120]}")
+        if not problems:
+            raise CheckpointError(f"no checkpoint in {self.dir}")
+        raise CheckpointError(f"no readable checkpoint in {self.dir} ({'; '.join(problems)})")

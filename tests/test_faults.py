@@ -1,0 +1,200 @@
+"""Faults: killed workers (also inside the center's lock), divergence, interrupts, a killed main
+process, checkpoints and resuming. Faults are injected with EASGD_LOCAL_FAULT or real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from easgd_local.checkpoint import Checkpointer
+from easgd_local.config import TrainConfig
+from easgd_local.launcher import TrainError, train
+from easgd_local.worker import FAULT_ENV
+
+from .helpers import _children, _is_resource_tracker, assert_no_leftovers, leftovers_snapshot
+
+pytestmark = pytest.mark.slow
+
+
+def _center_finite(out):
+    sd = torch.load(out / "center.pt", weights_only=True)
+    return all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
+
+
+def _run(tmp_path, monkeypatch, fault, **kw):
+    monkeypatch.setenv(FAULT_ENV, fault)
+    before = leftovers_snapshot()
+    config = TrainConfig(out=tmp_path / "run", quiet=True, workers=2, eval_every=100.0, **kw)
+    try:
+        return config, train(config)
+    finally:
+        assert_no_leftovers(before)
+
+
+@pytest.mark.parametrize("kind", ["kill", "exit", "kill-in-lock"])
+def test_dead_worker_is_replaced_from_the_center(tmp_path, monkeypatch, kind):
+    # tau = 1: worker 1 exchanges at every step, so "kill-in-lock" dies holding the lock with
+    # half of its difference added; worker 0 must still get the lock at its next exchange.
+    config, s = _run(tmp_path, monkeypatch, f"1:40:{kind}", steps=150, tau=1)
+    assert s["worker_restarts"] == 1 and len(s["restart_seconds"]) == 1
+    assert s["steps_per_worker"] == [150, 150]  # the restarted rank carried on its count
+    assert _center_finite(config.out) and s["final_test_accuracy"] > 0.8, s
+
+
+def test_restarts_are_bounded(tmp_path, monkeypatch):
+    with pytest.raises(TrainError) as err:
+        _run(tmp_path, monkeypatch, "0:20:kill", steps=100, max_restarts=0)
+    message = str(err.value)
+    assert "--max-restarts 0" in message and "\n" not in message
+    del err
+    assert Checkpointer(tmp_path / "run").load()["steps"].tolist()[1] > 0  # the checkpoint is kept
+
+
+def test_diverged_worker_never_reaches_the_center(tmp_path, monkeypatch):
+    config, s = _run(tmp_path, monkeypatch, "1:30:nan", steps=120, tau=5)
+    assert s["divergences"] == 1 and s["worker_restarts"] == 0
+    assert _center_finite(config.out)
+    assert all(json.loads(line)["test_loss"] < 1.0
+               for line in (config.out / "metrics.jsonl").read_text().splitlines())
+
+
+# --- real signals to a real command ---------------------------------------------------------
+
+def _start(out, *args, env_extra=None):
+    """Start a run and return once it has trained long enough to write a checkpoint."""
+    env = {**os.environ, **(env_extra or {})}
+    if "--checkpoint-every" not in args:
+        args = (*args, "--checkpoint-every", "0.5")
+    proc = subprocess.Popen([sys.executable, "-m", "easgd_local", "train", "--quiet", "--out", str(out),
+                             "--eval-every", "0.5", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "state.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return proc
+
+
+def _gone(pids, wait):
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_sigkill_of_a_worker_from_outside(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--time-limit", "8", "--max-restarts", "2")
+    workers = sorted(p for p in _children(proc.pid) if not _is_resource_tracker(p))
+    os.kill(workers[0], signal.SIGKILL)
+    assert proc.wait(timeout=120) == 0, proc.communicate()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["worker_restarts"] == 1
+    assert _center_finite(out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_everything_and_checkpoints(tmp_path, signum):
+    shm_before = set(os.listdir("/dev/shm"))
+    out = tmp_path / "run"
+    proc = _start(out, "--time-limit", "60")
+    workers = _children(proc.pid)
+    t = time.monotonic()
+    proc.send_signal(signum)
+    proc.wait(timeout=30)
+    took = time.monotonic() - t
+    assert proc.returncode == 130 and took < 5.0, (proc.returncode, took)
+    assert _gone(workers, 1.0)
+    assert Checkpointer(out).load()["elapsed"] > 0
+    assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_second_sigint_exits_at_once(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    # worker 0 hangs: the first Ctrl-C would wait for it; the second must not.
+    proc = _start(out, "--time-limit", "60", env_extra={FAULT_ENV: "0:5:hang"})
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert time.monotonic() - t < 2.0
+    assert _gone(workers, 2.0)
+
+
+def test_killed_main_process_takes_its_workers_along(tmp_path):
+    shm_before = set(os.listdir("/dev/shm"))
+    out = tmp_path / "run"
+    proc = _start(out, "--time-limit", "60")
+    workers = _children(proc.pid)
+    proc.kill()
+    proc.wait(timeout=10)
+    assert _gone(workers, 5.0)
+    time.sleep(0.5)
+    assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_resume_after_interrupt_continues_the_run(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--time-limit", "60", "--checkpoint-every", "1")
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    saved = Checkpointer(out).load()
+    resumed = subprocess.run([sys.executable, "-m", "easgd_local", "train", "--quiet", "--resume", str(out),
+                              "--time-limit", str(saved["elapsed"] + 3)],
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[: len(first)] == first  # appended, nothing lost
+    later = records[len(first):]
+    assert later and later[0]["seconds"] >= saved["elapsed"]  # the time axis continues
+    assert all(b >= a for a, b in zip(saved["steps"].tolist(), later[-1]["steps"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_seconds"] >= saved["elapsed"] + 3
+    assert summary["total_samples"] > sum(saved["steps"].tolist()) * 32
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--time-limit", "60", "--checkpoint-every", "0.5")
+    ck = Checkpointer(out)
+    deadline = time.monotonic() + 60
+    while not ck.previous.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    previous = torch.load(ck.previous, weights_only=False)
+    data = ck.current.read_bytes()
+    ck.current.write_bytes(data[: len(data) // 2])  # truncated
+    assert ck.load()["elapsed"] == previous["elapsed"]
+    resumed = subprocess.run([sys.executable, "-m", "easgd_local", "train", "--quiet", "--resume", str(out),
+                              "--steps", "1"], capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the previous one" in resumed.stderr
+
+    for path in (ck.current, ck.previous):
+        path.write_bytes(b"garbage")
+    bad = subprocess.run([sys.executable, "-m", "easgd_local", "train", "--resume", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "no readable checkpoint" in bad.stderr and "Traceback" not in bad.stderr

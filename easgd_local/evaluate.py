@@ -34,8 +34,10 @@ class Evaluator:
         self.batch_size = config.eval_batch_size
 
     @torch.no_grad()
-    def evaluate(self, flat: Tensor) -> tuple[float, float]:
-        """(mean test loss, test accuracy) of the model whose flat state is ``flat``."""
+    def evaluate(self, flat: Tensor, cancel: threading.Event | None = None) -> tuple[float, float]:
+        """(mean test loss, test accuracy) of the model whose flat state is ``flat``.
+
+        ``cancel`` is checked between batches: once set, Cancelled is raised."""
         model = self.state.module
         self.state.flat.copy_(flat)
         model.eval()
@@ -43,6 +45,8 @@ class Evaluator:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         count = 0
         for x, y in self.data.batches(self.batch_size, drop_last=False):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
@@ -55,6 +59,10 @@ class Evaluator:
         return {k: v.detach().cpu().clone() for k, v in self.state.module.state_dict().items()}
 
 
+class Cancelled(Exception):
+    pass
+
+
 class BackgroundEvaluator:
     """Evaluates snapshots of the center in a low-priority thread while the workers train.
 
@@ -65,7 +73,7 @@ class BackgroundEvaluator:
     evaluated then, outside the measured training time.
     """
 
-    NICE = 10  # CPU weight ~1/10 of a worker's while they compete for a core
+    NICE = 5  # CPU weight ~1/3 of a worker's while they compete for a core
     BACKLOG_BYTES = 256 * 2**20
 
     def __init__(self, evaluator: Evaluator, on_record: Callable[[dict[str, Any]], None]):
@@ -73,6 +81,7 @@ class BackgroundEvaluator:
         numel = evaluator.state.flat.numel()
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.BACKLOG_BYTES // (4 * numel)))
         self.error: BaseException | None = None
+        self.cancel = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="easgd-evaluator", daemon=True)
         self.thread.start()
 
@@ -96,6 +105,7 @@ class BackgroundEvaluator:
 
     def close(self) -> None:
         """Stop the thread, discarding what is queued (the run failed or was interrupted)."""
+        self.cancel.set()  # an evaluation under way stops at its next batch
         while True:
             try:
                 self.queue.get_nowait()
@@ -114,8 +124,10 @@ class BackgroundEvaluator:
             if snapshot is None:
                 return
             try:
-                loss, acc = self.evaluator.evaluate(snapshot)
+                loss, acc = self.evaluator.evaluate(snapshot, self.cancel)
                 self.on_record({**meta, "test_loss": loss, "test_accuracy": acc})
+            except Cancelled:
+                return
             except BaseException as e:  # handed to the main thread by submit()/drain()
                 self.error = e
                 return

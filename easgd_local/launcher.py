@@ -88,6 +88,8 @@ class _Run:
     restart_seconds: list[float] = field(default_factory=list)
     last_accuracy: float | None = None
     background: BackgroundEvaluator | None = None
+    signals: int = 0  # SIGINT/SIGTERM seen; the first is acted on between messages
+    stopping: bool = False
 
 
 def prepare(config: TrainConfig, resuming: bool = False) -> tuple[RunDir, int]:
@@ -137,6 +139,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
     if resume is not None:
         run.restarts = int(resume["restarts"])
         run.states = dict(resume["workers"])
+    handlers = _catch_signals(run)
     try:
         for rank in range(config.workers):
             _spawn(run, rank, 0, run.states.get(rank))
@@ -160,9 +163,35 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
         raise
     finally:
         _shutdown(run)
+        _restore_signals(handlers)
         torch.set_num_threads(threads)
         reporter.finished()
     return summary
+
+
+def _catch_signals(run: _Run) -> dict[int, Any]:
+    """While workers run, SIGINT and SIGTERM only raise a flag that the main loop acts on
+    between messages: an exception in the middle of reading a worker's message would leave its
+    pipe half-read. A second SIGINT kills every worker and leaves at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        run.signals += 1
+        if run.signals > 1 and signum == signal.SIGINT:
+            _kill_now(run)
+
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _check_interrupt(run: _Run) -> None:
+    if run.signals and not run.stopping:
+        raise KeyboardInterrupt
 
 
 def _channels(config: TrainConfig, ctx: Any, init: torch.Tensor, resume: dict[str, Any] | None) -> WorkerChannels:
@@ -212,6 +241,7 @@ def _spawn(run: _Run, rank: int, incarnation: int, resume: bytes | None) -> _Wor
 
 def _receive(run: _Run, timeout: float) -> None:
     """Handle every message that arrives within ``timeout``; a closed pipe is a dead worker."""
+    _check_interrupt(run)
     live = {w.conn: w for w in run.workers if not w.done}
     for conn in wait_for_messages(list(live), timeout=timeout):
         worker = live[conn]
@@ -248,7 +278,10 @@ def _handle(run: _Run, worker: _Worker, msg: tuple) -> None:
 
 def _on_death(run: _Run, worker: _Worker) -> None:
     """A worker's pipe closed without a "done": it died. Replace it, or end the run."""
-    worker.proc.join(timeout=5)
+    worker.proc.join(timeout=1.0)
+    if worker.proc.is_alive():  # its pipe broke some other way: it cannot report any more
+        worker.proc.kill()
+        worker.proc.join()
     code = worker.proc.exitcode
     worker.conn.close()
     worker.done = True  # this process is over, whatever happens to its rank
@@ -276,6 +309,7 @@ def _await_ready(run: _Run) -> int:
     deadline = time.perf_counter() + START_TIMEOUT_SECONDS
     train_size = 0
     while not all(w.ready for w in run.workers):
+        _check_interrupt(run)
         live = {w.conn: w for w in run.workers if not w.ready}
         for conn in wait_for_messages(list(live), timeout=POLL_SECONDS):
             worker = live[conn]
@@ -398,28 +432,25 @@ def _stop_workers(run: _Run, wait: float = JOIN_GRACE_SECONDS - 1.0) -> None:
     run.ch.control[GO] = 1  # a worker still waiting to start sees STOP right after GO
     if run.ch.barrier is not None:
         run.ch.barrier.abort()  # release workers waiting for a peer that will not come
+    run.stopping = True
     deadline = time.perf_counter() + wait
     while not all(w.done for w in run.workers) and time.perf_counter() < deadline:
         try:
             _receive(run, POLL_SECONDS)
         except TrainError:
             pass  # errors while stopping (an aborted barrier) change nothing now
+        except KeyboardInterrupt:
+            raise
 
 
 def _interrupted(run: _Run) -> None:
     """SIGINT/SIGTERM: stop the workers, keep a final checkpoint. A second SIGINT kills at once."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, functools.partial(_kill_now, run))
-    try:
-        _stop_workers(run)
-        _save_checkpoint(run, time.perf_counter() - run.t0)
-        log.warning("interrupted: checkpoint written to %s", run.checkpointer.current)
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_workers(run)
+    _save_checkpoint(run, time.perf_counter() - run.t0 if run.t0 else 0.0)
+    log.warning("interrupted: checkpoint written to %s", run.checkpointer.current)
 
 
-def _kill_now(run: _Run, signum: int, frame: Any) -> None:
+def _kill_now(run: _Run) -> None:
     for w in run.workers:
         if w.proc.is_alive():
             w.proc.kill()

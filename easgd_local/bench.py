@@ -75,6 +75,9 @@ class BenchOptions:
     model: str = TrainConfig.model
     devices: list[str] | None = None
     eval_every: float = DEFAULT_EVAL_EVERY
+    # False: each run only snapshots the center while it trains and evaluates afterwards, so
+    # evaluation takes no cores from the workers it measures (runs then last --time-limit)
+    live_eval: bool = False
     out: Path | None = None  # None: runs/bench-<timestamp>
 
 
@@ -197,7 +200,7 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
                 # Single-worker references refuse a worker count other than 1.
                 workers=None if single_worker(algo) else options.workers,
                 devices=list(options.devices) if options.devices else None,
-                eval_every=options.eval_every, quiet=True)
+                eval_every=options.eval_every, eval_deferred=not options.live_eval, quiet=True)
             specs.append(RunSpec(index=len(specs) + 1, algo=algo, tau=tau, config=config))
     return specs
 
@@ -339,6 +342,8 @@ def settings_line(bench: dict[str, Any]) -> str:
     if bench.get("devices"):
         parts.append(f"--devices {','.join(bench['devices'])}")
     parts.append(f"--eval-every {bench['eval_every']:g}")
+    if bench.get("live_eval"):
+        parts.append("--live-eval")
     machine = f"; {bench['cpu_count']} CPU cores" if bench.get("cpu_count") else ""
     if bench.get("load_average") is not None:
         machine += f", load average {bench['load_average']:g} at the start"
@@ -405,7 +410,7 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
         "algos": list(options.algos), "taus": list(options.taus),
         "workers": multi[0].workers if multi else options.workers,
         "lr": options.lr, "momentum": options.momentum, "seed": options.seed,
-        "eval_every": options.eval_every, "devices": devices,
+        "eval_every": options.eval_every, "live_eval": options.live_eval, "devices": devices,
         "data_dir": str(options.data_dir), "cpu_count": os.cpu_count(),
         "threads_per_worker": specs[0].config.threads, "load_average": _load_average(),
         "runs": [],

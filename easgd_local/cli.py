@@ -61,6 +61,7 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads per CPU worker (default: the cores split between the CPU workers).", rich_help_panel=SYSTEM_PANEL)] = None,
     lock: Annotated[bool, typer.Option("--lock/--no-lock", help="Guard the center update with a lock; --no-lock runs Hogwild-style.", rich_help_panel=SYSTEM_PANEL)] = True,
     eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center during training.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_every,
+    eval_deferred: Annotated[bool, typer.Option("--eval-deferred", help="Only snapshot the center while training and evaluate the snapshots afterwards, so that evaluation takes no cores from the workers (--target-accuracy then cannot end the run early).", rich_help_panel=SYSTEM_PANEL)] = False,
     max_restarts: Annotated[int, typer.Option(help="Dead workers replaced (from the center) before the run gives up.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.max_restarts,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints; one is also written at the end and on Ctrl-C.", rich_help_panel=OUTPUT_PANEL)] = TrainConfig.checkpoint_every,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint, with its saved configuration; stop options given here replace the saved ones.", rich_help_panel=OUTPUT_PANEL)] = None,
@@ -76,7 +77,7 @@ def train(
         epochs=epochs, time_limit=time_limit, target_accuracy=target_accuracy, dataset=dataset.value, data_dir=data_dir,
         download=download, model=model.value, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        threads=threads, eval_every=eval_every, out=out, quiet=quiet, max_restarts=max_restarts,
+        threads=threads, eval_every=eval_every, eval_deferred=eval_deferred, out=out, quiet=quiet, max_restarts=max_restarts,
         checkpoint_every=checkpoint_every)
     checkpoint = None
     if resume is not None:
@@ -107,6 +108,7 @@ def bench(
     workers: Annotated[Optional[int], typer.Option(help="Workers of the multi-worker algorithms; sgd and msgd always run one. Default: one per device (2 on a CPU-only machine).", rich_help_panel=SYSTEM_PANEL)] = None,
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu. Default: every visible GPU, else cpu.", rich_help_panel=SYSTEM_PANEL)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Bench directory: bench.json, bench.md, bench.png and runs/. Default: runs/bench-<timestamp>.", rich_help_panel=OUTPUT_PANEL)] = None,
+    live_eval: Annotated[bool, typer.Option("--live-eval", help="Evaluate the center while each run trains, so that reaching --target-accuracy ends it early; by default runs only snapshot the center and evaluate afterwards, leaving every core to the workers being measured.", rich_help_panel=BENCH_PANEL)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line per run (the table is still printed).", rich_help_panel=OUTPUT_PANEL)] = False,
 ) -> None:
     """Compare algorithms: each trains for --time-limit (or to --target-accuracy); writes a table and a plot."""
@@ -116,7 +118,7 @@ def bench(
         batch_size=batch_size, seed=seed, dataset=dataset.value, data_dir=data_dir,
         model=model.value,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        eval_every=eval_every, out=out)
+        eval_every=eval_every, live_eval=live_eval, out=out)
     # '[i/n] label: ' as a run starts, the result on the same line when it ends.
     result = _bench.run_bench(
         options,

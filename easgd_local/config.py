@@ -85,6 +85,7 @@ class TrainConfig:
     devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"] or ["cpu"]; None: all GPUs, else cpu
     threads: int | None = None  # intra-op threads per CPU worker; None: the cores split between them
     eval_every: float = 2.0  # seconds between evaluations of the center while training
+    eval_deferred: bool = False  # only snapshot while training; evaluate the snapshots after it
     eval_batch_size: int = 250  # small enough that stopping never waits long for an evaluation
     checkpoint_every: float | None = 60.0  # seconds between checkpoints (and one at the end)
     max_restarts: int = 3  # dead workers replaced before the run gives up

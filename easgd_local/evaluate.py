@@ -76,12 +76,18 @@ class BackgroundEvaluator:
     NICE = 5  # CPU weight ~1/3 of a worker's while they compete for a core
     BACKLOG_BYTES = 256 * 2**20
 
-    def __init__(self, evaluator: Evaluator, on_record: Callable[[dict[str, Any]], None]):
+    def __init__(self, evaluator: Evaluator, on_record: Callable[[dict[str, Any]], None],
+                 deferred: bool = False):
         self.evaluator, self.on_record = evaluator, on_record
         numel = evaluator.state.flat.numel()
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.BACKLOG_BYTES // (4 * numel)))
         self.error: BaseException | None = None
         self.cancel = threading.Event()
+        # Deferred: nothing is evaluated until drain(), so the workers have every core to
+        # themselves while they train (the snapshots still carry their exact times).
+        self.go = threading.Event()
+        if not deferred:
+            self.go.set()
         self.thread = threading.Thread(target=self._loop, name="easgd-evaluator", daemon=True)
         self.thread.start()
 
@@ -98,6 +104,7 @@ class BackgroundEvaluator:
 
     def drain(self) -> None:
         """Evaluate everything queued, then stop the thread. Re-raises an evaluation error."""
+        self.go.set()
         self.queue.put((None, None))
         self.thread.join()
         if self.error is not None:
@@ -106,6 +113,7 @@ class BackgroundEvaluator:
     def close(self) -> None:
         """Stop the thread, discarding what is queued (the run failed or was interrupted)."""
         self.cancel.set()  # an evaluation under way stops at its next batch
+        self.go.set()
         while True:
             try:
                 self.queue.get_nowait()
@@ -119,9 +127,10 @@ class BackgroundEvaluator:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICE)
         except (AttributeError, OSError):  # not Linux: a thread's priority is not its own
             pass
+        self.go.wait()
         while True:
             snapshot, meta = self.queue.get()
-            if snapshot is None:
+            if snapshot is None or self.cancel.is_set():
                 return
             try:
                 loss, acc = self.evaluator.evaluate(snapshot, self.cancel)

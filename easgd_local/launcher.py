@@ -143,7 +143,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
     try:
         for rank in range(config.workers):
             _spawn(run, rank, 0, run.states.get(rank))
-        run.background = BackgroundEvaluator(evaluator, functools.partial(_record, run))
+        run.background = BackgroundEvaluator(evaluator, functools.partial(_record, run),
+                                             deferred=config.eval_deferred)
         train_size = _await_ready(run)
         startup = time.perf_counter() - t_start
         budget = steps_budget(config, train_size)

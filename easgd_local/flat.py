@@ -39,12 +39,6 @@ def _float_buffers(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
     return found
 
 
-def state_numel(module: nn.Module) -> int:
-    """Entries of the flat state of ``module``: parameters plus floating-point buffers."""
-    return (sum(p.numel() for p in module.parameters())
-            + sum(b.numel() for _, _, b in _float_buffers(module)))
-
-
 @torch.no_grad()
 def flatten_(module: nn.Module, device: torch.device | str = "cpu") -> FlatState:
     """Move ``module`` to ``device`` with its float state re-housed as views of one buffer."""

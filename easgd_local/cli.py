@@ -96,7 +96,7 @@ def bench(
     algos: Annotated[str, typer.Option(help="Comma-separated algorithms (any --algo of train), run one after another on the same data, model, initial weights and per-worker batch.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_ALGOS,
     taus: Annotated[str, typer.Option(help="Comma-separated communication periods; every algorithm that has a tau (not sgd, msgd, ddp) runs once per value.", rich_help_panel=BENCH_PANEL)] = str(TrainConfig.tau),
     time_limit: Annotated[float, typer.Option(help="Seconds of training per run (start-up not counted).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_TIME_LIMIT,
-    target_accuracy: Annotated[float, typer.Option(help="A run stops early once the center reaches this test accuracy; its time to reach it is the bench's measure.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_TARGET_ACCURACY,
+    target_accuracy: Annotated[float, typer.Option(help="The test accuracy each run's time to target is measured to (with --live-eval a run also stops there).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_TARGET_ACCURACY,
     eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center (the resolution of the time to target).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_EVAL_EVERY,
     lr: Annotated[float, typer.Option(help="Learning rate eta of every run; the momentum algorithms get lr * (1 - momentum) (see --momentum).", rich_help_panel=ALGO_PANEL)] = TrainConfig.lr,
     momentum: Annotated[float, typer.Option(help="Nesterov momentum delta of the momentum algorithms (eamsgd, msgd, mdownpour). They run with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals the others' --lr.", rich_help_panel=ALGO_PANEL)] = _bench.DEFAULT_MOMENTUM,

@@ -81,7 +81,6 @@ class _Run:
     checkpointer: Checkpointer
     workers: list[_Worker] = field(default_factory=list)
     t0: float = 0.0
-    results: dict[int, dict] = field(default_factory=dict)
     states: dict[int, bytes] = field(default_factory=dict)  # latest known state of each rank
     checkpoint_seq: int = 0
     restarts: int = 0
@@ -160,7 +159,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
         summary = _finish(run, startup, train_seconds)
     except TrainError:
         _stop_workers(run)
-        _save_checkpoint(run, time.perf_counter() - run.t0 if run.t0 else 0.0)
+        if run.t0:  # a run that never started training has nothing new to keep
+            _save_checkpoint(run, time.perf_counter() - run.t0)
         raise
     finally:
         _shutdown(run)
@@ -268,8 +268,7 @@ def _handle(run: _Run, worker: _Worker, msg: tuple) -> None:
     elif kind == "state":
         run.states[rank] = msg[3]
     elif kind == "done":
-        run.results[rank] = msg[2]
-        run.states[rank] = msg[3]
+        run.states[rank] = msg[2]
         worker.done = True
     elif kind == "error":
         worker.done = True
@@ -447,7 +446,7 @@ def _stop_workers(run: _Run, wait: float = JOIN_GRACE_SECONDS - 1.0) -> None:
 def _interrupted(run: _Run) -> None:
     """SIGINT/SIGTERM: stop the workers, keep a final checkpoint. A second SIGINT kills at once."""
     _stop_workers(run)
-    _save_checkpoint(run, time.perf_counter() - run.t0 if run.t0 else 0.0)
+    _save_checkpoint(run, time.perf_counter() - run.t0)
     log.warning("interrupted: checkpoint written to %s", run.checkpointer.current)
 
 

@@ -73,8 +73,8 @@ def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, pa
     # ends and tells the workers through STOP, so a worker never dies mid-exchange.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        stats, state = _train(rank, config, ch, conn, parent_pid, image_size, incarnation, resume)
-        conn.send(("done", rank, stats, state))
+        state = _train(rank, config, ch, conn, parent_pid, image_size, incarnation, resume)
+        conn.send(("done", rank, state))
     except (_ParentGone, BrokenPipeError):
         pass  # the main process is gone: nobody to report to
     except BaseException as e:  # report everything, then exit
@@ -141,7 +141,8 @@ def unpack_state(data: bytes) -> dict:
 
 
 def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent_pid: int,
-           image_size: int, incarnation: int, resume: bytes | None) -> tuple[dict, bytes]:
+           image_size: int, incarnation: int, resume: bytes | None) -> bytes:
+    """Train until a stop condition; returns the worker's final state (see snapshot below)."""
     from .data import load_split
     from .models import build_model
 
@@ -194,7 +195,6 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
     loss_count = 0
     checkpoint_seq = int(ch.control[CHECKPOINT])
     seconds_before = comm.seconds
-    t0 = time.perf_counter()
     running = budget is None or step < budget
     while running:
         epoch_start = step
@@ -254,7 +254,6 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
     _count(ch, rank, comm, seconds_before)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_time = time.perf_counter() - t0
     if loss_count and math.isfinite(loss_sum.item() / loss_count):
         ch.losses[rank] = loss_sum.item() / loss_count
     link.close()
@@ -262,7 +261,7 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return {"steps": step, "train_seconds": train_time}, snapshot()
+    return snapshot()
 
 
 def _count(ch: WorkerChannels, rank: int, comm: algorithms.Communicator, seconds_before: float) -> None:

@@ -87,6 +87,7 @@ class _Run:
     restart_seconds: list[float] = field(default_factory=list)
     last_accuracy: float | None = None
     background: BackgroundEvaluator | None = None
+    train_size: int = 0  # reported by the workers when ready
     signals: int = 0  # SIGINT/SIGTERM seen; the first is acted on between messages
     stopping: bool = False
 
@@ -258,6 +259,7 @@ def _handle(run: _Run, worker: _Worker, msg: tuple) -> None:
     kind, rank = msg[0], msg[1]
     if kind == "ready":
         worker.ready = True
+        run.train_size = msg[2]
         if worker.restart_started is not None:
             took = time.perf_counter() - worker.restart_started
             run.restart_seconds.append(round(took, 3))
@@ -288,11 +290,11 @@ def _on_death(run: _Run, worker: _Worker) -> None:
     rank, config = worker.rank, run.config
     if run.ch.control[STOP]:
         return  # died while the run was ending anyway: nothing to replace
+    if not worker.ready and worker.incarnation == 0:
+        raise TrainError(f"worker {rank} exited with code {code} while starting")
     if config.spec.synchronous:
         raise TrainError(f"worker {rank} died (exit code {code}); {config.algo} moves all workers "
                          "together and cannot go on without it")
-    if not worker.ready and worker.incarnation == 0:
-        raise TrainError(f"worker {rank} exited with code {code} while starting")
     if run.restarts >= config.max_restarts:
         raise TrainError(f"worker {rank} died (exit code {code}) and --max-restarts "
                          f"{config.max_restarts} restart(s) are used up; checkpoint in "
@@ -307,24 +309,11 @@ def _on_death(run: _Run, worker: _Worker) -> None:
 def _await_ready(run: _Run) -> int:
     """Wait for every worker's ("ready", rank, train_size); returns the training-set size."""
     deadline = time.perf_counter() + START_TIMEOUT_SECONDS
-    train_size = 0
     while not all(w.ready for w in run.workers):
-        _check_interrupt(run)
-        live = {w.conn: w for w in run.workers if not w.ready}
-        for conn in wait_for_messages(list(live), timeout=POLL_SECONDS):
-            worker = live[conn]
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                worker.proc.join(timeout=5)
-                raise TrainError(f"worker {worker.rank} exited with code {worker.proc.exitcode} "
-                                 "while starting") from None
-            if msg[0] == "ready":
-                train_size = msg[2]
-            _handle(run, worker, msg)
+        _receive(run, POLL_SECONDS)
         if time.perf_counter() > deadline:
             raise TrainError(f"workers not ready after {START_TIMEOUT_SECONDS:.0f} s")
-    return train_size
+    return run.train_size
 
 
 def _supervise(run: _Run) -> float:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .center import CenterLink
+from .rules import current_x
 
 # The control flags the main process sets in a shared int64 tensor, read without any lock
 # (a worker killed mid-read cannot leave anything held, unlike an Event's internal lock).
@@ -26,11 +27,10 @@ EXCHANGES, BYTES, EXCHANGE_SECONDS, DIVERGENCES = 0, 1, 2, 3
 
 
 class Communicator:
-    """Base: no communication. ``stop_agreed`` is None for asynchronous algorithms (each worker
-    reads the stop event itself); synchronous ones decide together at a barrier."""
+    """Base: no communication. Asynchronous algorithms leave stopping to each worker (it reads
+    the STOP flag); synchronous ones decide together at a barrier (before_step returns False)."""
 
     seconds = 0.0  # time spent communicating
-    counted = (0, 0)  # exchanges and bytes already added to the shared counters
 
     def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
         """After the gradient, before the local step. False: the workers agreed to stop."""
@@ -153,8 +153,7 @@ class Publisher(_LinkCommunicator):
         self.momentum, self.active = momentum, active
 
     def _publish(self, y: Tensor, v: Tensor | None) -> None:
-        from .rules import current_x
-
+        # Publishing for evaluation is not part of the algorithm: the link counts no exchange.
         if self.active:
             self.link.publish(current_x(y, v, self.momentum))
 
@@ -164,14 +163,6 @@ class Publisher(_LinkCommunicator):
 
     def finish(self, y: Tensor, v: Tensor | None) -> None:
         self._publish(y, v)
-
-    @property
-    def exchanges(self) -> int:
-        return 0  # publishing for evaluation is not part of the algorithm
-
-    @property
-    def bytes(self) -> int:
-        return 0
 
 
 class DDPSync(Publisher):

@@ -43,9 +43,6 @@ DEFAULT_MOMENTUM = 0.9
 DEFAULT_EVAL_EVERY = 1.0
 # The reference every speed-up and efficiency is measured against.
 REFERENCE_ALGO = "sgd"
-# Synchronous data-parallel SGD all-reduces gradients at every step: no communication period.
-# (Also recognised by config's `ddp` property where config has one.)
-NO_TAU_EXTRA = ("ddp",)
 # On a log axis an error of 0 (every test sample right) cannot be drawn; it is drawn here.
 PLOT_ERROR_FLOOR = 1e-4
 
@@ -141,33 +138,21 @@ def check_taus(taus: Sequence[int]) -> None:
             raise ConfigError(f"--taus lists {t} twice")
 
 
-def _algo_property(algo: str, attribute: str, legacy_group: str | None = None) -> bool:
-    """An algorithm's property from config.ALGORITHMS, or from the older name tuples.
-
-    config describes algorithms by AlgoSpec entries (``single_worker``, ``momentum``, ``ddp``);
-    earlier versions listed them in tuples (SINGLE_ALGOS, MOMENTUM_ALGOS). Reading whichever
-    is there keeps the bench independent of that representation.
-    """
-    specs = getattr(cfg, "ALGORITHMS", None)
-    if specs is not None and algo in specs:
-        return bool(getattr(specs[algo], attribute, False))
-    return legacy_group is not None and algo in getattr(cfg, legacy_group, ())
-
-
 def single_worker(algo: str) -> bool:
     """The one-worker references (sgd, msgd): always run with one worker."""
-    return _algo_property(algo, "single_worker", "SINGLE_ALGOS")
+    return cfg.ALGORITHMS[algo].single_worker
 
 
 def uses_momentum(algo: str) -> bool:
     """Momentum algorithms (eamsgd, msgd, mdownpour): run with lr * (1 - momentum)."""
-    return _algo_property(algo, "momentum", "MOMENTUM_ALGOS")
+    return cfg.ALGORITHMS[algo].momentum
 
 
 def has_tau(algo: str) -> bool:
     """Whether ``algo`` has a communication period: not the single-worker references, not ddp
     (synchronous data-parallel SGD all-reduces the gradients at every step)."""
-    return not single_worker(algo) and not _algo_property(algo, "ddp") and algo not in NO_TAU_EXTRA
+    spec = cfg.ALGORITHMS[algo]
+    return not (spec.single_worker or spec.ddp)
 
 
 def run_label(algo: str, workers: int, tau: int | None) -> str:

@@ -171,14 +171,12 @@ class CenterLink:
         self.bytes = 0
         n = center.numel
         self._registered = False
+        self.d = torch.empty(n, device=self.device)  # the difference (or update) to send
         if self.cuda:
             self._register()
             self.c_dev = torch.empty(n, device=self.device)  # the center, read onto the GPU
-            self.d_dev = torch.empty(n, device=self.device)
             self.d_host = torch.empty(n, pin_memory=True)  # staging for the way back
             self.done = torch.cuda.Event()
-        else:
-            self.d = torch.empty(n)
 
     def _register(self) -> None:
         t = self.center.data
@@ -195,6 +193,27 @@ class CenterLink:
             torch.cuda.cudart().cudaHostUnregister(self.center.data.data_ptr())
             self._registered = False
 
+    def _center_here(self) -> Tensor:
+        """The center where y lives: itself on the CPU; on a GPU, a copy made by host-to-device
+        DMA from the registered shared pages, ordered on this stream before what reads it."""
+        if not self.cuda:
+            return self.center.data
+        return self.c_dev.copy_(self.center.data, non_blocking=True)
+
+    def _on_host(self, d: Tensor) -> Tensor:
+        """``d`` where the CPU can add it to the center: on a GPU, copied to pinned staging and
+        waited for, so that the exchange is complete when it returns."""
+        if not self.cuda:
+            return d
+        self.d_host.copy_(d, non_blocking=True)
+        self.done.record()
+        self.done.synchronize()
+        return self.d_host
+
+    def _count(self) -> None:
+        self.exchanges += 1
+        self.bytes += 2 * self.center.numel * 4  # the center (or update) each way
+
     @torch.no_grad()
     def exchange(self, y: Tensor, alpha: float, v: Tensor | None = None, momentum: float = 0.0,
                  barrier: Any = None) -> None:
@@ -203,58 +222,28 @@ class CenterLink:
         With ``barrier`` (synchronous EASGD) every worker has read the center before any
         worker adds to it: all differences are taken from the same center.
         """
-        if self.cuda:
-            # Host-to-device DMA from the registered shared pages, ordered on this stream
-            # before the kernels that read c_dev.
-            self.c_dev.copy_(self.center.data, non_blocking=True)
-            d = rules.elastic_difference(y, self.c_dev, alpha, v=v, momentum=momentum, out=self.d_dev)
-            y.sub_(d)
-            self.d_host.copy_(d, non_blocking=True)
-            # The CPU addition below must see the finished copy: wait for it here, so the
-            # exchange is complete when this method returns.
-            self.done.record()
-            self.done.synchronize()
-            finite = bool(torch.isfinite(self.d_host).all())
-            if barrier is not None:
-                barrier.wait()  # passed even when not finite: the others are waiting
-            if not finite:
-                raise Diverged("non-finite elastic difference")
-            self.center.add_(self.d_host)
-        else:
-            d = rules.elastic_difference(y, self.center.data, alpha, v=v, momentum=momentum, out=self.d)
-            finite = bool(torch.isfinite(d).all())
-            if barrier is not None:
-                barrier.wait()  # passed even when not finite: the others are waiting
-            if not finite:
-                raise Diverged("non-finite elastic difference")
-            y.sub_(d)
-            self.center.add_(d)
-        self.exchanges += 1
-        self.bytes += 2 * self.center.numel * 4  # the center read in, the difference written back
+        d = rules.elastic_difference(y, self._center_here(), alpha, v=v, momentum=momentum, out=self.d)
+        host = self._on_host(d)
+        finite = bool(torch.isfinite(host).all())
+        if barrier is not None:
+            barrier.wait()  # passed even when not finite: the others are waiting
+        if not finite:
+            raise Diverged("non-finite elastic difference")
+        y.sub_(d)
+        self.center.add_(host)
+        self._count()
 
     @torch.no_grad()
     def push_pull(self, y: Tensor, y_pulled: Tensor, average_rate: float | None = None) -> None:
         """DOWNPOUR: push u = y - y_pulled (the local updates since the last pull) to the master,
         then pull the center: y = y_pulled = center."""
-        if self.cuda:
-            u = torch.sub(y, y_pulled, out=self.d_dev)
-            self.d_host.copy_(u, non_blocking=True)
-            self.done.record()
-            self.done.synchronize()
-            if not bool(torch.isfinite(self.d_host).all()):
-                raise Diverged("non-finite update")
-            self.center.push_(self.d_host, average_rate)
-            self.c_dev.copy_(self.center.data, non_blocking=True)
-            y.copy_(self.c_dev)
-        else:
-            u = torch.sub(y, y_pulled, out=self.d)
-            if not bool(torch.isfinite(u).all()):
-                raise Diverged("non-finite update")
-            self.center.push_(u, average_rate)
-            y.copy_(self.center.data)
+        host = self._on_host(torch.sub(y, y_pulled, out=self.d))
+        if not bool(torch.isfinite(host).all()):
+            raise Diverged("non-finite update")
+        self.center.push_(host, average_rate)
+        y.copy_(self.center.data, non_blocking=True)
         y_pulled.copy_(y)
-        self.exchanges += 1
-        self.bytes += 2 * self.center.numel * 4  # the update pushed, the center pulled
+        self._count()
 
     @torch.no_grad()
     def pull(self, y: Tensor) -> None:

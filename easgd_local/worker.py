@@ -194,7 +194,15 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     checkpoint_seq = int(ch.control[CHECKPOINT])
-    seconds_before = comm.seconds
+    reported = [0.0, 0.0, 0.0]  # this process's exchanges, bytes, seconds already in ch.counters
+
+    def report_totals() -> None:
+        # The counters of a rank are cumulative across its restarts: add what is new.
+        totals = [comm.exchanges, comm.bytes, comm.seconds]
+        for index, now, before in zip((EXCHANGES, BYTES, EXCHANGE_SECONDS), totals, reported):
+            ch.counters[rank, index] += now - before
+        reported[:] = totals
+
     running = budget is None or step < budget
     while running:
         epoch_start = step
@@ -234,8 +242,7 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
                     ch.losses[rank] = mean
                 loss_sum.zero_()
                 loss_count = 0
-                _count(ch, rank, comm, seconds_before)
-                seconds_before = comm.seconds
+                report_totals()
             if int(ch.control[CHECKPOINT]) != checkpoint_seq:
                 checkpoint_seq = int(ch.control[CHECKPOINT])
                 conn.send(("state", rank, checkpoint_seq, snapshot()))
@@ -251,25 +258,17 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
         comm.finish(state.flat, v)
     except Diverged:
         pass  # the last updates were not finite: they stay out of the center
-    _count(ch, rank, comm, seconds_before)
+    report_totals()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if loss_count and math.isfinite(loss_sum.item() / loss_count):
-        ch.losses[rank] = loss_sum.item() / loss_count
+    if loss_count and math.isfinite(mean := loss_sum.item() / loss_count):
+        ch.losses[rank] = mean
     link.close()
     if spec.ddp:
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return snapshot()
-
-
-def _count(ch: WorkerChannels, rank: int, comm: algorithms.Communicator, seconds_before: float) -> None:
-    """Publish this process's communication totals into its rank's cumulative counters."""
-    ch.counters[rank, EXCHANGES] = ch.counters[rank, EXCHANGES].item() + comm.exchanges - comm.counted[0]
-    ch.counters[rank, BYTES] = ch.counters[rank, BYTES].item() + comm.bytes - comm.counted[1]
-    ch.counters[rank, EXCHANGE_SECONDS] += comm.seconds - seconds_before
-    comm.counted = (comm.exchanges, comm.bytes)
 
 
 def _restore(saved: dict, flat: torch.Tensor, v: torch.Tensor | None, gen: torch.Generator,

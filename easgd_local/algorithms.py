@@ -21,7 +21,12 @@ from .rules import current_x
 
 # The control flags the main process sets in a shared int64 tensor, read without any lock
 # (a worker killed mid-read cannot leave anything held, unlike an Event's internal lock).
-GO, STOP, CHECKPOINT = 0, 1, 2
+# CHECKPOINT: the sequence number of the checkpoint asked for; RESUME: the last one taken, after
+# which the workers that paused for it go on.
+GO, STOP, CHECKPOINT, RESUME = 0, 1, 2, 3
+CONTROL_SIZE = 4
+# What the barrier of the synchronous algorithms decides for everyone (int64 [2]).
+AGREED_STOP, AGREED_CHECKPOINT = 0, 1
 # Per-worker cumulative counters (float64 [workers, 4]), kept across restarts of a worker.
 EXCHANGES, BYTES, EXCHANGE_SECONDS, DIVERGENCES = 0, 1, 2, 3
 
@@ -106,7 +111,7 @@ class SyncElastic(Elastic):
             return True
         t = time.perf_counter()
         self.barrier.wait()
-        if self.agreed[0]:
+        if self.agreed[AGREED_STOP]:
             return False
         self.link.exchange(y, self.alpha, barrier=self.barrier)
         self.seconds += time.perf_counter() - t
@@ -182,7 +187,7 @@ class DDPSync(Publisher):
         self.steps += 1
         if step % self.tau == 0:
             self.barrier.wait()
-            return not self.agreed[0]
+            return not self.agreed[AGREED_STOP]
         return True
 
     @property
@@ -195,5 +200,8 @@ class DDPSync(Publisher):
 
 
 def decide_stop(control: Tensor, agreed: Tensor) -> None:
-    """Barrier action (run by one worker once all have arrived): fix the stop decision."""
-    agreed[0] = int(control[STOP])
+    """Barrier action (run by one worker once all have arrived): fix the stop decision, and the
+    checkpoint the workers answer after this step (all at the same step, so none waits at a
+    barrier for a peer that has paused for the checkpoint)."""
+    agreed[AGREED_STOP] = int(control[STOP])
+    agreed[AGREED_CHECKPOINT] = int(control[CHECKPOINT])

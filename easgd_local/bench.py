@@ -1,17 +1,34 @@
-"""`easgd-local bench`: several algorithms on the same problem, compared on one table and plot.
+"""`easgd-local bench`: several algorithms on the same problem, compared with their spread.
 
 Every run of a bench is an ordinary training run (``launcher.train``) with the same data set,
-model, initial weights (seed), per-worker batch, time limit and target accuracy; only the
-algorithm, the number of workers and tau change. The runs go one after another, never side by
-side, so that each has the whole machine. The bench directory holds:
+model, per-worker batch, time limit and target accuracy; the algorithm, the number of workers,
+tau and the learning rate change. A bench is run ``--repeats`` times, repeat r with seed + r for
+every algorithm, and the repeats are interleaved (repeat 1 of every run, then repeat 2, ...) so
+that a drift of the machine hits every algorithm alike. Runs never go side by side: each has
+the whole machine.
 
-- ``runs/<index>-<algo>-p<workers>-tau<tau>/``: each run's own directory (config.json,
-  metrics.jsonl, summary.json, center.pt); algorithms without a tau drop the ``-tau`` part;
-- ``bench.json``: the settings and one row per run (rewritten after every run, so an
-  interrupted bench keeps the runs it finished);
-- ``bench.md``: the same as a markdown table, after one line with the exact settings;
-- ``bench.png``: center test error against seconds of training, one curve per run
-  (only where matplotlib is installed: it is an optional dependency).
+With a grid of learning rates (``--lrs``) every algorithm runs at every rate, the reference sgd
+included, and the table shows each algorithm at its own best rate (the lowest median time to
+target), so that no side is tuned alone.
+
+How a figure is read:
+
+- time to target: the first crossing of the target in the run's records, interpolated between
+  the two records that straddle it with the error (1 - accuracy) linear on a log scale in time;
+- speed-up: per repeat, sgd's time to target (at sgd's best rate) over the run's, of the same
+  repeat; then the median [min, max] over the repeats;
+- efficiency: samples/s over (workers * sgd's samples/s of the same repeat).
+
+The bench directory holds:
+
+- ``runs/<index>-<algo>-p<workers>[-tau<tau>]-lr<lr>-r<repeat>/``: each run's own directory;
+- ``bench.json``: the settings, the machine's one-thread samples/s, and one row per
+  (algorithm, workers, tau, lr): today's figures as the median over the repeats, each with
+  ``<key>_min`` and ``<key>_max``, and every repeat's own figures under ``repeats`` (rewritten
+  after every run, so an interrupted bench keeps what it measured);
+- ``bench.md``: the table, median [min, max], after one line with the exact settings;
+- ``bench.png``: the median test-error curve per row with a band for the spread (only where
+  matplotlib is installed: it is an optional dependency).
 
 This module does not print: progress lines and notes go to callables the caller passes in
 (the CLI writes them to stderr).
@@ -22,7 +39,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +59,31 @@ DEFAULT_ALGOS = "sgd,easgd,eamsgd,downpour,ddp"
 DEFAULT_TIME_LIMIT = 60.0
 DEFAULT_TARGET_ACCURACY = 0.97
 DEFAULT_MOMENTUM = 0.9
-DEFAULT_EVAL_EVERY = 1.0
+DEFAULT_REPEATS = 3
+# Runs evaluate their snapshots after training (deferred), taking nothing from the workers: the
+# budget then only bounds how long that takes, so it is larger than train's, for a finer
+# resolution of the time to target.
+DEFAULT_EVAL_BUDGET = 0.25
 # The reference every speed-up and efficiency is measured against.
 REFERENCE_ALGO = "sgd"
-# On a log axis an error of 0 (every test sample right) cannot be drawn; it is drawn here.
-PLOT_ERROR_FLOOR = 1e-4
+# On a log axis an error of 0 (every test sample right) cannot be drawn or interpolated.
+ERROR_FLOOR = 1e-4
+PLOT_POINTS = 200
+
+TIME_TO_TARGET_METHOD = ("first crossing of the target, interpolated between the two records "
+                         "that straddle it with log(1 - accuracy) linear in time; the first "
+                         "record's time when it already reaches the target")
 
 BENCH_FILE, TABLE_FILE, PLOT_FILE = "bench.json", "bench.md", "bench.png"
 NO_MATPLOTLIB = "matplotlib is not installed: bench.png not written; pip install matplotlib"
 
-ROW_KEYS = ("algo", "workers", "tau", "lr", "momentum", "time_to_target_s", "speedup_vs_sgd",
-            "samples_per_second", "efficiency", "exchange_fraction", "bytes_per_sample",
-            "final_test_accuracy", "startup_seconds", "train_seconds", "run_dir")
+# Figures of one run; in a row each holds the median over the repeats, with _min and _max.
+FIGURES = ("time_to_target_s", "speedup_vs_sgd", "samples_per_second", "efficiency",
+           "exchange_fraction", "bytes_per_sample", "final_test_accuracy", "startup_seconds",
+           "train_seconds", "record_spacing_s")
+ROW_KEYS = ("algo", "workers", "tau", "lr", "momentum", *FIGURES,
+            *(f"{k}_{end}" for k in FIGURES for end in ("min", "max")),
+            "best", "run_dir", "repeats")
 
 
 @dataclass
@@ -63,18 +95,21 @@ class BenchOptions:
     taus: list[int] = field(default_factory=lambda: [TrainConfig.tau])
     time_limit: float = DEFAULT_TIME_LIMIT
     target_accuracy: float = DEFAULT_TARGET_ACCURACY
-    lr: float = TrainConfig.lr
+    lrs: list[float] = field(default_factory=lambda: [TrainConfig.lr])
     momentum: float = DEFAULT_MOMENTUM  # momentum algorithms run with lr * (1 - momentum)
     batch_size: int = TrainConfig.batch_size
     seed: int = TrainConfig.seed
+    repeats: int = DEFAULT_REPEATS  # repeat r runs with seed + r
     dataset: str = TrainConfig.dataset
     data_dir: Path = TrainConfig.data_dir
     model: str = TrainConfig.model
     devices: list[str] | None = None
-    eval_every: float = DEFAULT_EVAL_EVERY
+    eval_every: float | None = None  # None: spaced by the evaluation budget
+    eval_budget: float = DEFAULT_EVAL_BUDGET
     # False: each run only snapshots the center while it trains and evaluates afterwards, so
     # evaluation takes no cores from the workers it measures (runs then last --time-limit)
     live_eval: bool = False
+    calibrate: bool = True  # measure the machine's one-thread samples/s first
     out: Path | None = None  # None: runs/bench-<timestamp>
 
 
@@ -85,6 +120,8 @@ class RunSpec:
     index: int
     algo: str
     tau: int | None  # None for algorithms without a communication period
+    lr: float  # the grid's value (momentum algorithms run at lr * (1 - momentum))
+    repeat: int
     config: TrainConfig
     workers: int = 0  # resolved by validation
     devices: list[str] = field(default_factory=list)  # resolved by validation
@@ -114,16 +151,21 @@ def check_algos(algos: Sequence[str]) -> None:
         raise ConfigError(f"--algos lists {duplicate} twice")
 
 
-def parse_taus(text: str) -> list[int]:
-    """Split ``--taus`` into integers; see check_taus."""
-    taus = []
+def _split(text: str, flag: str, kind: Callable[[str], Any], example: str) -> list[Any]:
+    values = []
     for t in (t.strip() for t in text.split(",")):
         if not t:
             continue
         try:
-            taus.append(int(t))
+            values.append(kind(t))
         except ValueError:
-            raise ConfigError(f"--taus must be comma-separated integers (got {t!r})") from None
+            raise ConfigError(f"{flag} must be comma-separated {example} (got {t!r})") from None
+    return values
+
+
+def parse_taus(text: str) -> list[int]:
+    """Split ``--taus`` into integers; see check_taus."""
+    taus = _split(text, "--taus", int, "integers")
     check_taus(taus)
     return taus
 
@@ -136,6 +178,23 @@ def check_taus(taus: Sequence[int]) -> None:
             raise ConfigError(f"--taus values must be >= 1 (got {t})")
         if t in taus[:i]:
             raise ConfigError(f"--taus lists {t} twice")
+
+
+def parse_lrs(text: str) -> list[float]:
+    """Split ``--lrs`` into learning rates; see check_lrs."""
+    lrs = _split(text, "--lrs", float, "numbers")
+    check_lrs(lrs)
+    return lrs
+
+
+def check_lrs(lrs: Sequence[float]) -> None:
+    if not lrs:
+        raise ConfigError("--lrs is empty; give comma-separated rates such as 0.05,0.1,0.2")
+    for i, lr in enumerate(lrs):
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"--lr must be > 0 and finite (got {lr})")
+        if lr in lrs[:i]:
+            raise ConfigError(f"--lrs lists {lr:g} twice")
 
 
 def single_worker(algo: str) -> bool:
@@ -155,38 +214,50 @@ def has_tau(algo: str) -> bool:
     return not (spec.single_worker or spec.ddp)
 
 
-def run_label(algo: str, workers: int, tau: int | None) -> str:
+def run_label(algo: str, workers: int, tau: int | None, lr: float | None = None) -> str:
     """The name of a run in progress lines and in the plot's legend."""
-    return f"{algo} p={workers}" + ("" if tau is None else f" tau={tau}")
+    return (f"{algo} p={workers}" + ("" if tau is None else f" tau={tau}")
+            + ("" if lr is None else f" lr={lr:g}"))
 
 
-def run_name(index: int, algo: str, workers: int, tau: int | None) -> str:
+def run_name(index: int, algo: str, workers: int, tau: int | None, lr: float | None = None,
+             repeat: int | None = None) -> str:
     """The run's directory under <bench>/runs."""
-    return f"{index}-{algo}-p{workers}" + ("" if tau is None else f"-tau{tau}")
+    return (f"{index}-{algo}-p{workers}" + ("" if tau is None else f"-tau{tau}")
+            + ("" if lr is None else f"-lr{lr:g}") + ("" if repeat is None else f"-r{repeat}"))
 
 
 def plan_runs(options: BenchOptions) -> list[RunSpec]:
-    """One run per algorithm, or per (algorithm, tau) for algorithms that have a tau."""
+    """Every (algorithm, tau, lr) once per repeat, repeat-major: repeat 0 of every run first."""
     specs: list[RunSpec] = []
-    for algo in options.algos:
-        for tau in (options.taus if has_tau(algo) else [None]):
-            momentum = options.momentum if uses_momentum(algo) else None
-            # With momentum delta, a constant gradient moves the weights by lr / (1 - delta) per
-            # step in the long run. Scaling lr by (1 - delta) gives every algorithm the same
-            # effective step, so the comparison is about the algorithms, not the step size.
-            lr = options.lr * (1.0 - options.momentum) if momentum is not None else options.lr
-            # Algorithms without a communication period keep train's default tau: for them it
-            # only sets how often the model is published for evaluation (every 10 steps).
-            config = TrainConfig(
-                algo=algo, lr=lr, tau=tau if tau is not None else TrainConfig.tau,
-                momentum=momentum, batch_size=options.batch_size, seed=options.seed,
-                time_limit=options.time_limit, target_accuracy=options.target_accuracy,
-                dataset=options.dataset, data_dir=Path(options.data_dir), model=options.model,
-                # Single-worker references refuse a worker count other than 1.
-                workers=None if single_worker(algo) else options.workers,
-                devices=list(options.devices) if options.devices else None,
-                eval_every=options.eval_every, eval_deferred=not options.live_eval, quiet=True)
-            specs.append(RunSpec(index=len(specs) + 1, algo=algo, tau=tau, config=config))
+    for repeat in range(options.repeats):
+        for algo in options.algos:
+            for tau in (options.taus if has_tau(algo) else [None]):
+                for base_lr in options.lrs:
+                    momentum = options.momentum if uses_momentum(algo) else None
+                    # With momentum delta, a constant gradient moves the weights by
+                    # lr / (1 - delta) per step in the long run. Scaling lr by (1 - delta) gives
+                    # every algorithm the same effective step, so the comparison is about the
+                    # algorithms, not the step size.
+                    lr = base_lr * (1.0 - options.momentum) if momentum is not None else base_lr
+                    # Algorithms without a communication period keep train's default tau: for
+                    # them it only sets how often the model is published for evaluation.
+                    config = TrainConfig(
+                        algo=algo, lr=lr, tau=tau if tau is not None else TrainConfig.tau,
+                        momentum=momentum, batch_size=options.batch_size,
+                        seed=options.seed + repeat,
+                        time_limit=options.time_limit, target_accuracy=options.target_accuracy,
+                        dataset=options.dataset, data_dir=Path(options.data_dir),
+                        model=options.model,
+                        # Single-worker references refuse a worker count other than 1.
+                        workers=None if single_worker(algo) else options.workers,
+                        devices=list(options.devices) if options.devices else None,
+                        eval_every=options.eval_every, eval_budget=options.eval_budget,
+                        eval_deferred=not options.live_eval,
+                        # A timed run is measured, not kept: no periodic checkpoints in it.
+                        checkpoint_every=None, quiet=True)
+                    specs.append(RunSpec(index=len(specs) + 1, algo=algo, tau=tau, lr=base_lr,
+                                         repeat=repeat, config=config))
     return specs
 
 
@@ -208,10 +279,11 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
     check_taus(options.taus)
     # Checked here and not left to TrainConfig: the momentum algorithms see lr * (1 - momentum),
     # and an error about that product would not name the value the user typed.
-    if not options.lr > 0:
-        raise ConfigError(f"--lr must be > 0 (got {options.lr})")
+    check_lrs(options.lrs)
     if not 0 <= options.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1) (got {options.momentum})")
+    if options.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1 (got {options.repeats})")
     if options.model not in MODELS:
         raise ConfigError(f"unknown --model {options.model!r}; choose one of {', '.join(MODELS)}")
 
@@ -221,7 +293,9 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
         checked = dataclasses.replace(spec.config).validate()
         spec.workers = int(checked.workers or 1)
         spec.devices = list(checked.devices or [])
-        spec.name = run_name(spec.index, spec.algo, spec.workers, spec.tau)
+        grid = spec.lr if len(options.lrs) > 1 else None
+        spec.name = run_name(spec.index, spec.algo, spec.workers, spec.tau, grid,
+                             spec.repeat if options.repeats > 1 else None)
     # Every run gets the per-worker resources of the largest one, so that the one-worker
     # reference measures what one worker of the others can do: a device each on GPUs, and on
     # CPUs the same number of intra-op threads (not all the cores for a lone worker).
@@ -257,16 +331,41 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | None:
-    """Seconds of training at the first evaluation whose test accuracy reached ``target``.
+def _log_error(accuracy: float) -> float:
+    return math.log(max(1.0 - accuracy, ERROR_FLOOR))
 
-    ``seconds`` in metrics.jsonl counts from the start of training, so start-up (spawning,
-    imports, data loading) is excluded by construction. None if no evaluation reached it.
+
+def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | None:
+    """Seconds of training at which the test accuracy first reaches ``target``.
+
+    Between the last record below the target and the first at or above it, the error
+    (1 - accuracy) is taken as linear on a log scale in time; when the very first record already
+    reaches it, that record's time. ``seconds`` in metrics.jsonl counts from the start of
+    training, so start-up is excluded by construction. None if no record reached it.
     """
+    before = None
     for record in records:
-        if record.get("test_accuracy") is not None and record["test_accuracy"] >= target:
-            return float(record["seconds"])
+        accuracy = record.get("test_accuracy")
+        if accuracy is None:
+            continue
+        if accuracy >= target:
+            t1 = float(record["seconds"])
+            if before is None:
+                return t1
+            t0, a0 = before
+            e0, e1, et = _log_error(a0), _log_error(accuracy), _log_error(target)
+            if e0 == e1:  # both at the floor: cannot happen below the target, but be safe
+                return t1
+            return t0 + (t1 - t0) * (e0 - et) / (e0 - e1)
+        before = (float(record["seconds"]), accuracy)
     return None
+
+
+def record_spacing(records: Sequence[dict[str, Any]]) -> float | None:
+    """Median seconds between consecutive records: the resolution of the time to target."""
+    times = [float(r["seconds"]) for r in records if r.get("test_accuracy") is not None]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps) if gaps else None
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -275,38 +374,93 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def derive_rows(summaries: Sequence[dict[str, Any]], times_to_target: Sequence[float | None],
-                run_dirs: Sequence[str]) -> list[dict[str, Any]]:
-    """One bench row per run, with the figures relative to the first ``sgd`` run (if any).
+def run_figures(summary: dict[str, Any], records: Sequence[dict[str, Any]], target: float,
+                run_dir: str) -> dict[str, Any]:
+    """One run's own figures (those that need no reference); see :func:`derive_rows`.
 
-    speedup_vs_sgd = sgd's time to target / this run's (None when either never reached it);
-    efficiency = samples/s / (workers * sgd's samples/s), i.e. how much of p times the
-    single-worker throughput the run achieved; bytes_per_sample = bytes exchanged with the
-    center per training sample.
+    A run whose records are incomplete (snapshots dropped) gets no time to target: a number
+    read from them could be wrong."""
+    complete = not summary.get("snapshots_dropped")
+    return {
+        "algo": summary["algo"], "workers": summary["workers"],
+        "tau": summary["tau"] if has_tau(summary["algo"]) else None,
+        "momentum": summary.get("momentum"), "seed": summary.get("seed"),
+        "time_to_target_s": time_to_target(records, target) if complete else None,
+        "records_complete": complete,
+        "samples_per_second": summary["samples_per_second"],
+        "exchange_fraction": summary["exchange_fraction"],
+        "bytes_per_sample": _ratio(summary["bytes_exchanged"], summary["total_samples"]),
+        "final_test_accuracy": summary["final_test_accuracy"],
+        "startup_seconds": summary["startup_seconds"], "train_seconds": summary["train_seconds"],
+        "record_spacing_s": record_spacing(records),
+        "run_dir": run_dir,
+    }
+
+
+def _spread(values: Sequence[float | None], never: float | None = None) -> tuple[float | None, ...]:
+    """(median, min, max). A None counts as ``never`` where given (math.inf: a time to target
+    that was never reached ranks last) and is left out otherwise; a result equal to ``never``
+    is None."""
+    filled = [v for v in (never if v is None else v for v in values) if v is not None]
+    if not filled:
+        return None, None, None
+    out = (statistics.median(filled), min(filled), max(filled))
+    return tuple(None if never is not None and v == never else v for v in out)
+
+
+def derive_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (algo, workers, tau, lr) from the runs' figures (``run_figures`` plus
+    ``lr`` from the grid and ``repeat``), in the order the configurations first appear.
+
+    The reference is sgd at its own best rate (lowest median time to target). Per repeat:
+    speedup_vs_sgd = sgd's time to target / this run's, against sgd of the same repeat (None
+    when sgd never reached it; 0 in the spread, shown as None, when only this run never did);
+    efficiency = samples/s / (workers * sgd's samples/s). Each figure of a row is the median
+    over the repeats, with _min and _max; ``best`` marks each (algo, workers, tau) at its best
+    rate.
     """
-    reference = next((i for i, s in enumerate(summaries) if s["algo"] == REFERENCE_ALGO), None)
-    ref_time = times_to_target[reference] if reference is not None else None
-    ref_rate = summaries[reference]["samples_per_second"] if reference is not None else None
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["algo"], run["workers"], run["tau"], run["lr"]), []).append(run)
+
+    def rank(key: tuple) -> tuple[float, float]:
+        median_time = _spread([r["time_to_target_s"] for r in groups[key]], math.inf)[0]
+        accuracy = statistics.median(r["final_test_accuracy"] for r in groups[key])
+        return (math.inf if median_time is None else median_time, -accuracy)
+
+    best: dict[tuple, tuple] = {}
+    for key in groups:
+        if key[:3] not in best or rank(key) < rank(best[key[:3]]):
+            best[key[:3]] = key
+    reference = next((k for family, k in best.items() if family[0] == REFERENCE_ALGO), None)
+    ref_by_repeat = {r["repeat"]: r for r in groups[reference]} if reference else {}
+
     rows = []
-    for s, t, run_dir in zip(summaries, times_to_target, run_dirs):
-        rate = s["samples_per_second"]
-        rows.append({
-            "algo": s["algo"],
-            "workers": s["workers"],
-            "tau": s["tau"] if has_tau(s["algo"]) else None,
-            "lr": s["lr"],
-            "momentum": s.get("momentum"),
-            "time_to_target_s": t,
-            "speedup_vs_sgd": _ratio(ref_time, t) if ref_time is not None else None,
-            "samples_per_second": rate,
-            "efficiency": (_ratio(rate, s["workers"] * ref_rate) if ref_rate is not None else None),
-            "exchange_fraction": s["exchange_fraction"],
-            "bytes_per_sample": _ratio(s["bytes_exchanged"], s["total_samples"]),
-            "final_test_accuracy": s["final_test_accuracy"],
-            "startup_seconds": s["startup_seconds"],
-            "train_seconds": s["train_seconds"],
-            "run_dir": run_dir,
-        })
+    for key, members in groups.items():
+        repeats, speedups = [], []
+        for run in sorted(members, key=lambda r: r["repeat"]):
+            ref = ref_by_repeat.get(run["repeat"])
+            ref_time = ref["time_to_target_s"] if ref is not None else None
+            speedup = _ratio(ref_time, run["time_to_target_s"])
+            if ref_time is not None:  # defined for this repeat: a run that never got there is 0
+                speedups.append(0.0 if speedup is None else speedup)
+            efficiency = (_ratio(run["samples_per_second"], run["workers"] * ref["samples_per_second"])
+                          if ref is not None else None)
+            repeats.append({**{k: run.get(k) for k in (
+                "repeat", "seed", *FIGURES, "records_complete", "run_dir")},
+                "speedup_vs_sgd": speedup, "efficiency": efficiency})
+        row: dict[str, Any] = {"algo": key[0], "workers": key[1], "tau": key[2], "lr": key[3],
+                               "momentum": members[0].get("momentum")}
+        for k in FIGURES:
+            if k == "speedup_vs_sgd":
+                spread = tuple(None if v == 0.0 else v for v in _spread(speedups))
+            else:
+                spread = _spread([r[k] for r in repeats], math.inf if k == "time_to_target_s" else None)
+            row[k], row[f"{k}_min"], row[f"{k}_max"] = spread
+        row["best"] = best[key[:3]] == key
+        row["run_dir"] = repeats[0]["run_dir"]
+        row["repeats"] = repeats
+        rows.append(row)
     return rows
 
 
@@ -315,21 +469,26 @@ def settings_line(bench: dict[str, Any]) -> str:
     parts = ["easgd-local bench", f"--algos {','.join(bench['algos'])}"]
     if bench.get("workers") is not None:
         parts.append(f"--workers {bench['workers']}")
+    lrs = bench.get("lrs") or [bench.get("lr")]
     parts += [f"--taus {','.join(str(t) for t in bench['taus'])}",
               f"--time-limit {bench['time_limit']:g}",
               f"--target-accuracy {bench['target_accuracy']:g}",
-              f"--lr {bench['lr']:g}", f"--momentum {bench['momentum']:g}",
+              f"--lrs {','.join(f'{lr:g}' for lr in lrs)}", f"--momentum {bench['momentum']:g}",
               f"--batch-size {bench['batch_size']}", f"--seed {bench['seed']}",
+              f"--repeats {bench.get('repeats', 1)}",
               f"--dataset {bench['dataset']}"]
     if bench["dataset"] != "mnist10k":
         parts.append(f"--data-dir {bench['data_dir']}")
     parts += [f"--model {bench['model']}"]
     if bench.get("devices"):
         parts.append(f"--devices {','.join(bench['devices'])}")
-    parts.append(f"--eval-every {bench['eval_every']:g}")
+    if bench.get("eval_every") is not None:
+        parts.append(f"--eval-every {bench['eval_every']:g}")
     if bench.get("live_eval"):
         parts.append("--live-eval")
     machine = f"; {bench['cpu_count']} CPU cores" if bench.get("cpu_count") else ""
+    if bench.get("one_thread_samples_per_second"):
+        machine += f", one thread trains {bench['one_thread_samples_per_second']:,.0f} samples/s"
     if bench.get("load_average") is not None:
         machine += f", load average {bench['load_average']:g} at the start"
     return f"Settings: `{' '.join(parts)}`{machine}"
@@ -343,41 +502,67 @@ def _pct(value: float) -> str:
     return f"{100 * value:g}%"
 
 
+def _with_spread(row: dict[str, Any], key: str, spec: str, suffix: str = "",
+                 none: str = "-", scale: float = 1.0) -> str:
+    """'median [min, max]' (just the median when there is one repeat or no spread)."""
+    def f(v: float | None) -> str:
+        return _fmt(None if v is None else v * scale, spec, suffix, none)
+
+    median, low, high = row.get(key), row.get(f"{key}_min"), row.get(f"{key}_max")
+    if len(row.get("repeats") or []) <= 1:
+        return f(median)
+    return f"{f(median)} [{f(low)}, {f(high)}]"
+
+
+def shown_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the table: each (algo, workers, tau) at its best rate."""
+    return [r for r in bench["runs"] if r.get("best", True)]
+
+
 def markdown_table(bench: dict[str, Any]) -> str:
-    """bench.md: the settings line, then one table row per run."""
+    """bench.md: the settings line, then one row per algorithm (at its best rate)."""
     target = _pct(bench["target_accuracy"])
-    header = ["#", "algo", "p", "tau", "lr", f"time to {target} (s)", "speed-up vs sgd",
+    repeats = bench.get("repeats", 1)
+    spread = f", median [min, max] of {repeats}" if repeats > 1 else ""
+    header = ["#", "algo", "p", "tau", "lr", f"time to {target} (s){spread}", "speed-up vs sgd",
               "samples/s", "efficiency", "exchange time", "bytes/sample", "final accuracy",
-              "start-up (s)", "train (s)", "run"]
+              "start-up (s)", "run"]
     lines = [settings_line(bench), "",
              "| " + " | ".join(header) + " |",
              "|" + "|".join(" --- " if i < 2 else " ---: " for i in range(len(header) - 1)) + "| --- |"]
-    for i, r in enumerate(bench["runs"], 1):
+    for i, r in enumerate(shown_rows(bench), 1):
         cells = [str(i), r["algo"], str(r["workers"]), _fmt(r["tau"], "d"), f"{r['lr']:g}",
-                 _fmt(r["time_to_target_s"], ".1f", none="not reached"),
-                 _fmt(r["speedup_vs_sgd"], ".2f", "x"),
-                 _fmt(r["samples_per_second"], ",.0f"), _fmt(r["efficiency"], ".2f"),
+                 _with_spread(r, "time_to_target_s", ".1f", none="not reached"),
+                 _with_spread(r, "speedup_vs_sgd", ".2f", "x"),
+                 _with_spread(r, "samples_per_second", ",.0f"),
+                 _with_spread(r, "efficiency", ".2f"),
                  _fmt(None if r["exchange_fraction"] is None else 100 * r["exchange_fraction"], ".1f", "%"),
                  _fmt(r["bytes_per_sample"], ",.0f"), _fmt(r["final_test_accuracy"], ".4f"),
-                 _fmt(r["startup_seconds"], ".1f"), _fmt(r["train_seconds"], ".1f"), r["run_dir"]]
+                 _fmt(r["startup_seconds"], ".1f"), r["run_dir"]]
         lines.append("| " + " | ".join(cells) + " |")
+    hidden = len(bench["runs"]) - len(shown_rows(bench))
+    if hidden:
+        lines += ["", f"Each algorithm at its best learning rate of the grid; all {len(bench['runs'])} "
+                      f"(algorithm, lr) rows are in {BENCH_FILE}."]
     return "\n".join(lines) + "\n"
 
 
-def progress_line(index: int, total: int, row: dict[str, Any], target: float) -> str:
+def progress_line(index: int, total: int, run: dict[str, Any], target: float) -> str:
     """The line that ends a run, e.g. '[2/5] easgd p=2 tau=10: 97% at 8.3 s, 3,710 samples/s'."""
-    head = f"[{index}/{total}] {run_label(row['algo'], row['workers'], row['tau'])}: "
-    return head + result_text(row, target)
+    head = f"[{index}/{total}] {run_label(run['algo'], run['workers'], run['tau'])}: "
+    return head + result_text(run, target)
 
 
-def result_text(row: dict[str, Any], target: float) -> str:
+def result_text(run: dict[str, Any], target: float) -> str:
     """What a finished run achieved, without the '[i/n] label: ' head."""
-    if row["time_to_target_s"] is not None:
-        reached = f"{_pct(target)} at {row['time_to_target_s']:.1f} s"
+    if run["time_to_target_s"] is not None:
+        reached = f"{_pct(target)} at {run['time_to_target_s']:.1f} s"
+    elif not run.get("records_complete", True):
+        reached = f"{_pct(target)}: records incomplete (snapshots dropped), no time to target"
     else:
-        reached = (f"{_pct(target)} not reached in {row['train_seconds']:.1f} s "
-                   f"(final {100 * row['final_test_accuracy']:.1f}%)")
-    return f"{reached}, {row['samples_per_second']:,.0f} samples/s"
+        reached = (f"{_pct(target)} not reached in {run['train_seconds']:.1f} s "
+                   f"(final {100 * run['final_test_accuracy']:.1f}%)")
+    return f"{reached}, {run['samples_per_second']:,.0f} samples/s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,10 +579,14 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
         "dataset": options.dataset, "model": options.model, "batch_size": options.batch_size,
         "algos": list(options.algos), "taus": list(options.taus),
         "workers": multi[0].workers if multi else options.workers,
-        "lr": options.lr, "momentum": options.momentum, "seed": options.seed,
-        "eval_every": options.eval_every, "live_eval": options.live_eval, "devices": devices,
+        "lr": options.lrs[0], "lrs": list(options.lrs), "momentum": options.momentum,
+        "seed": options.seed, "repeats": options.repeats,
+        "eval_every": options.eval_every, "eval_budget": options.eval_budget,
+        "live_eval": options.live_eval, "devices": devices,
         "data_dir": str(options.data_dir), "cpu_count": os.cpu_count(),
         "threads_per_worker": specs[0].config.threads, "load_average": _load_average(),
+        "one_thread_samples_per_second": None,
+        "time_to_target_method": TIME_TO_TARGET_METHOD,
         "runs": [],
     }
 
@@ -436,8 +625,35 @@ def write_outputs(out: Path, bench: dict[str, Any], plot: bool = True) -> list[s
     return notes
 
 
+def error_curve(records: Sequence[dict[str, Any]], grid: Sequence[float]) -> list[float]:
+    """log(test error) of one run on a time grid, linear between records; NaN outside them."""
+    pts = [(float(r["seconds"]), _log_error(r["test_accuracy"])) for r in records
+           if r.get("test_accuracy") is not None]
+    out = []
+    for t in grid:
+        value = math.nan
+        for (t0, e0), (t1, e1) in zip(pts, pts[1:]):
+            if t0 <= t <= t1:
+                value = e0 if t1 == t0 else e0 + (e1 - e0) * (t - t0) / (t1 - t0)
+                break
+        out.append(value)
+    return out
+
+
+def median_band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Pointwise median, min and max over curves, ignoring NaN (NaN where none has a value)."""
+    med, low, high = [], [], []
+    for column in zip(*curves):
+        values = [v for v in column if not math.isnan(v)]
+        med.append(statistics.median(values) if values else math.nan)
+        low.append(min(values) if values else math.nan)
+        high.append(max(values) if values else math.nan)
+    return med, low, high
+
+
 def write_plot(out: Path, bench: dict[str, Any]) -> str | None:
-    """bench.png: center test error against seconds of training. Returns a note if not written."""
+    """bench.png: the median test error of each shown row against seconds of training, with a
+    band from the best to the worst repeat. Returns a note if not written."""
     # matplotlib is an optional dependency (the `plot` extra): import it only here.
     try:
         import matplotlib  # noqa: F401
@@ -452,16 +668,27 @@ def write_plot(out: Path, bench: dict[str, Any]) -> str | None:
     fig = Figure(figsize=(8, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for row in bench["runs"]:
-        records = read_metrics(out / row["run_dir"] / "metrics.jsonl")
-        xs = [r["seconds"] for r in records]
-        ys = [max(1.0 - r["test_accuracy"], PLOT_ERROR_FLOOR) for r in records]
-        ax.plot(xs, ys, marker=".", label=run_label(row["algo"], row["workers"], row["tau"]))
+    for row in shown_rows(bench):
+        runs = [read_metrics(out / r["run_dir"] / "metrics.jsonl") for r in row["repeats"]]
+        end = max((rec[-1]["seconds"] for rec in runs if rec), default=0.0)
+        if not end:
+            continue
+        grid = [end * i / (PLOT_POINTS - 1) for i in range(PLOT_POINTS)]
+        med, low, high = median_band([error_curve(rec, grid) for rec in runs])
+        keep = [i for i, v in enumerate(med) if not math.isnan(v)]
+        xs = [grid[i] for i in keep]
+        label = run_label(row["algo"], row["workers"], row["tau"],
+                          row["lr"] if len(bench.get("lrs") or []) > 1 else None)
+        (line,) = ax.plot(xs, [math.exp(med[i]) for i in keep], label=label)
+        if len(runs) > 1:
+            ax.fill_between(xs, [math.exp(low[i]) for i in keep], [math.exp(high[i]) for i in keep],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     ax.axhline(1.0 - bench["target_accuracy"], color="grey", linestyle="--", linewidth=1,
                label=f"target {_pct(bench['target_accuracy'])}")
     ax.set_yscale("log")
     ax.set_xlabel("seconds of training (start-up excluded)")
-    ax.set_ylabel("center test error (1 - accuracy)")
+    repeats = bench.get("repeats", 1)
+    ax.set_ylabel("test error (1 - accuracy)" + (f", median of {repeats}" if repeats > 1 else ""))
     ax.set_title(f"{bench['dataset']}, {bench['model']}, batch {bench['batch_size']} per worker")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
@@ -482,7 +709,8 @@ def run_bench(options: BenchOptions,
               on_start: Callable[[str], None] | None = None,
               on_done: Callable[[str], None] | None = None,
               on_note: Callable[[str], None] | None = None,
-              train_fn: TrainFn | None = None) -> dict[str, Any]:
+              train_fn: TrainFn | None = None,
+              calibrate_fn: Callable[[], float] | None = None) -> dict[str, Any]:
     """Run every planned run in turn, writing the outputs after each; returns bench.json's content.
 
     ``on_start`` receives '[i/n] label: ' as a run begins, ``on_done`` the rest of that line when
@@ -501,31 +729,47 @@ def run_bench(options: BenchOptions,
         train_fn = launcher.train
     RunDir(out).create()  # refuses what cannot be written, in one line
     bench = bench_header(options, specs)
-    summaries: list[dict[str, Any]] = []
-    times: list[float | None] = []
-    run_dirs: list[str] = []
-    log.info("bench of %d run(s) in %s", len(specs), out)
     busy = busy_note(bench)
     if busy and on_note:
         on_note(busy)
+    if options.calibrate:
+        if calibrate_fn is None:
+            from .calibrate import one_thread_samples_per_second
+
+            def calibrate_fn() -> float:
+                return one_thread_samples_per_second(options.model, options.dataset,
+                                                     options.batch_size,
+                                                     data_dir=str(options.data_dir))
+        bench["one_thread_samples_per_second"] = round(calibrate_fn(), 1)
+        if on_note:
+            on_note(f"this machine trains {options.model} at "
+                    f"{bench['one_thread_samples_per_second']:,.0f} samples/s on one thread")
+    runs: list[dict[str, Any]] = []
+    log.info("bench of %d run(s) in %s", len(specs), out)
     for spec in specs:
+        label = run_label(spec.algo, spec.workers, spec.tau,
+                          spec.lr if len(options.lrs) > 1 else None)
+        if options.repeats > 1:
+            label += f" (repeat {spec.repeat + 1}/{options.repeats})"
         if on_start:
-            on_start(f"[{spec.index}/{len(specs)}] {run_label(spec.algo, spec.workers, spec.tau)}: ")
+            on_start(f"[{spec.index}/{len(specs)}] {label}: ")
         spec.config.out = out / "runs" / spec.name
         summary = train_fn(spec.config, None)
         records = read_metrics(spec.config.out / "metrics.jsonl")
-        summaries.append(summary)
-        times.append(time_to_target(records, options.target_accuracy))
         # Relative to the bench directory, so the directory can be moved as a whole.
-        run_dirs.append(str(Path("runs") / spec.name))
-        bench["runs"] = derive_rows(summaries, times, run_dirs)
+        figures = run_figures({**summary, "seed": spec.config.seed}, records,
+                              options.target_accuracy, str(Path("runs") / spec.name))
+        runs.append({**figures, "lr": spec.lr, "repeat": spec.repeat})
+        if not figures["records_complete"] and on_note:
+            on_note(f"{label}: snapshots were dropped, so its records are incomplete; "
+                    "its time to target is left out")
+        bench["runs"] = derive_rows(runs)
         # Rewritten after every run: an interrupted bench keeps what it measured.
         write_outputs(out, bench, plot=False)
         if on_done:
-            on_done(result_text(bench["runs"][-1], options.target_accuracy))
+            on_done(result_text(figures, options.target_accuracy))
     for note in write_outputs(out, bench, plot=True):
         log.info(note)
         if on_note:
             on_note(note)
     return bench
-

@@ -79,16 +79,19 @@ class SharedCenter:
     """The center tensor plus the lock that makes its update atomic. Picklable for spawn.
 
     Master-side state of the DOWNPOUR variants lives beside it, in shared memory too, and is
-    updated under the same lock: ``velocity`` (MDOWNPOUR's Nesterov momentum on the master) and
-    ``average`` with ``clock`` (ADOWNPOUR / MVADOWNPOUR report a running average of the center).
+    updated under the same lock: ``velocity`` (MDOWNPOUR's Nesterov momentum on the master, over
+    the parameters only) and ``average`` with ``clock`` (ADOWNPOUR / MVADOWNPOUR report a running
+    average of the center). ``n_params``: the first entries are parameters, the rest float
+    buffers (batch-norm statistics), which a push replaces instead of adding to.
     """
 
     def __init__(self, init: Tensor, lock: bool = True, *, momentum: float = 0.0,
-                 average: bool = False):
+                 average: bool = False, n_params: int | None = None):
         self.data = init.detach().to("cpu", torch.float32).clone().share_memory_()
+        self.n_params = self.data.numel() if n_params is None else n_params
         self.lock = ProcessLock() if lock else None
         self.momentum = momentum
-        self.velocity = torch.zeros_like(self.data).share_memory_() if momentum else None
+        self.velocity = torch.zeros(self.n_params).share_memory_() if momentum else None
         self.average = self.data.clone().share_memory_() if average else None
         self.clock = torch.zeros(1, dtype=torch.int64).share_memory_()  # center updates so far
         self.crash_in_lock = False  # fault injection (tests): die halfway through an update
@@ -129,29 +132,71 @@ class SharedCenter:
             if self.average is not None:
                 return self.average.clone()
             if self.velocity is not None:
-                return self.data.sub(self.velocity, alpha=self.momentum)
+                x = self.data.clone()
+                x[: self.n_params].sub_(self.velocity, alpha=self.momentum)
+                return x
             return self.data.clone()
 
     def push_(self, u: Tensor, average_rate: float | None = None) -> None:
-        """The master's side of a DOWNPOUR push of the accumulated update u, atomically.
+        """The master's side of a DOWNPOUR push, atomically: ``u`` holds the accumulated update
+        of the parameters, then the pushing worker's own float buffers.
 
-        With momentum (MDOWNPOUR): Nesterov momentum on the master, in look-ahead form like the
-        workers' (rules.local_step_): v = delta*v + u; center += u + delta*v, so workers pull
-        the look-ahead point and take their gradients there.
+        Parameters: center += u. With momentum (MDOWNPOUR): Nesterov momentum on the master, in
+        look-ahead form like the workers' (rules.local_step_): v = delta*v + u; center += u +
+        delta*v, so workers pull the look-ahead point and take their gradients there.
+        Buffers (running statistics) are not gradients' sums: added as deltas from p workers
+        (and through momentum) they can grow without bound or turn a variance negative. The
+        center takes the pushing worker's, a value some worker actually computed.
         average: z = (1 - a) z + a * center after the update, with a = average_rate, or
         a = 1/(t+1) at the t-th update when average_rate is None (z = mean of all centers).
         """
+        n = self.n_params
         with self.guard():
             if self.crash_in_lock:
                 self._crash_halfway(u)
-            self.data.add_(u)
+            self.data[:n].add_(u[:n])
+            self.data[n:].copy_(u[n:])
             if self.velocity is not None:
-                self.velocity.mul_(self.momentum).add_(u)
-                self.data.add_(self.velocity, alpha=self.momentum)
+                self.velocity.mul_(self.momentum).add_(u[:n])
+                self.data[:n].add_(self.velocity, alpha=self.momentum)
             self.clock += 1
             if self.average is not None:
                 a = average_rate if average_rate is not None else 1.0 / (int(self.clock) + 1)
                 self.average.lerp_(self.data, a)
+
+
+def page_lock(t: Tensor) -> bool:
+    """Page-lock ``t``'s memory in place (cudaHostRegister). False, with a warning, where the
+    driver refuses: copies are then pageable, which only costs speed.
+
+    A failed call also leaves its error as CUDA's "last error", which the next kernel launch
+    check would raise as if that kernel had failed. It is cleared here, with the runtime's own
+    cudaGetLastError (not bound by torch, so taken from the loaded libcudart); where that cannot
+    be done, the worker stops with one clear line instead of failing later at random.
+    """
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+    if err == 0:  # cudaSuccess
+        return True
+    if not _clear_cuda_error():
+        raise RuntimeError(f"could not page-lock the shared center (cudaError {err}) nor clear "
+                           "CUDA's error state afterwards; check the memlock limit (ulimit -l)")
+    log.warning("could not page-lock the shared center (cudaError %d); copies will be pageable", err)
+    return False
+
+
+def _clear_cuda_error() -> bool:
+    """Reset CUDA's last error through the libcudart this process has loaded."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "libcudart" in line), None)
+        if path is None:
+            return False
+        ctypes.CDLL(path).cudaGetLastError()
+        return True
+    except OSError:
+        return False
 
 
 class CenterLink:
@@ -179,13 +224,7 @@ class CenterLink:
             self.done = torch.cuda.Event()
 
     def _register(self) -> None:
-        t = self.center.data
-        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-        # 0 = cudaSuccess. Failing to pin only costs speed (pageable copies), so warn and go on.
-        if int(err) != 0:
-            log.warning("could not page-lock the shared center (cudaError %s); copies will be pageable", int(err))
-        else:
-            self._registered = True
+        self._registered = page_lock(self.center.data)
 
     def close(self) -> None:
         if self._registered:
@@ -235,9 +274,13 @@ class CenterLink:
 
     @torch.no_grad()
     def push_pull(self, y: Tensor, y_pulled: Tensor, average_rate: float | None = None) -> None:
-        """DOWNPOUR: push u = y - y_pulled (the local updates since the last pull) to the master,
-        then pull the center: y = y_pulled = center."""
-        host = self._on_host(torch.sub(y, y_pulled, out=self.d))
+        """DOWNPOUR: push u = y - y_pulled (the local updates of the parameters since the last
+        pull, then the worker's buffers as they are) to the master, then pull the center:
+        y = y_pulled = center."""
+        n = self.center.n_params
+        torch.sub(y[:n], y_pulled[:n], out=self.d[:n])
+        self.d[n:].copy_(y[n:])
+        host = self._on_host(self.d)
         if not bool(torch.isfinite(host).all()):
             raise Diverged("non-finite update")
         self.center.push_(host, average_rate)

@@ -3,6 +3,10 @@
 One file, ``checkpoint/state.pt``, written atomically (temporary file, flush, fsync, rename);
 before a new one replaces it, the current one becomes ``state.prev.pt``. A checkpoint that
 cannot be read (truncated, corrupt) is reported in one line and the previous one is used.
+
+Checkpoints are read with ``weights_only=True``, the worker states inside them too: they hold
+only tensors, numbers, strings, bytes and containers, so a crafted ``state.pt`` in a run
+directory cannot run code on ``--resume``; it is refused like a corrupt one.
 """
 
 from __future__ import annotations
@@ -16,9 +20,16 @@ import torch
 
 from .output import atomic_write
 
+
+def unpack_state(data: bytes) -> dict:
+    """A worker's state from its bytes (tensors, numbers and containers only)."""
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=True)
+
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: master momentum over the parameters only; states read weights-only
 KEYS = ("version", "center", "velocity", "average", "clock", "steps", "counters", "losses",
         "workers", "elapsed", "restarts")
 
@@ -51,10 +62,12 @@ class Checkpointer:
             if not path.exists():
                 continue
             try:
-                payload = torch.load(path, weights_only=False, map_location="cpu")
+                payload = torch.load(path, weights_only=True, map_location="cpu")
                 missing = [k for k in KEYS if k not in payload] if isinstance(payload, dict) else ["all"]
                 if missing or payload["version"] != VERSION:
                     raise ValueError(f"not a checkpoint of this version (missing {missing})")
+                for state in payload["workers"].values():
+                    unpack_state(state)  # the workers would refuse it later, less clearly
                 if path is self.previous:
                     log.warning("checkpoint %s is unreadable (%s); resuming from the previous one",
                                 self.current, problems[-1] if problems else "missing")

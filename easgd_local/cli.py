@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .config import ALGOS, ConfigError, TrainConfig
+from .config import ALGORITHMS, ALGOS, ConfigError, TrainConfig
 from . import bench as _bench  # light: torch is imported only when a bench runs
 
 # typer re-exports BadParameter but not its base, the usage error that every flag-parsing
@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Elastic Averaging SGD on one machine: several GPUs or CPU processes.")
 
 Algo = enum.Enum("Algo", {a: a for a in ALGOS}, type=str)
+ALGO_HELP = "; ".join(f"{spec.name}: {spec.summary}" for spec in ALGORITHMS.values()) + "."
 # Choices are listed here rather than imported from data/models so that `--help` and flag
 # parsing stay fast; tests check the lists agree.
 DATASET_CHOICES = ("mnist10k", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
@@ -39,7 +40,7 @@ def _root() -> None:
 
 @app.command()
 def train(
-    algo: Annotated[Algo, typer.Option(help="easgd, eamsgd (Nesterov momentum), or the one-worker references sgd, msgd.", rich_help_panel=ALGO_PANEL)] = Algo.easgd,
+    algo: Annotated[Algo, typer.Option(help=ALGO_HELP, rich_help_panel=ALGO_PANEL)] = Algo.easgd,
     lr: Annotated[float, typer.Option(help="Learning rate eta.", rich_help_panel=ALGO_PANEL)] = TrainConfig.lr,
     tau: Annotated[int, typer.Option(help="Communication period: an elastic exchange every tau local steps.", rich_help_panel=ALGO_PANEL)] = TrainConfig.tau,
     beta: Annotated[Optional[float], typer.Option(help="Moving rate as beta = workers * alpha, in (0, 1]. (default: 0.9)", rich_help_panel=ALGO_PANEL)] = None,
@@ -60,7 +61,9 @@ def train(
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu; workers are dealt round-robin. (default: every visible GPU, else cpu)", rich_help_panel=SYSTEM_PANEL)] = None,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads per CPU worker (default: the cores split between the CPU workers).", rich_help_panel=SYSTEM_PANEL)] = None,
     lock: Annotated[bool, typer.Option("--lock/--no-lock", help="Guard the center update with a lock; --no-lock runs Hogwild-style.", rich_help_panel=SYSTEM_PANEL)] = True,
-    eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center during training.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_every,
+    eval_every: Annotated[Optional[float], typer.Option(help="Seconds between evaluations of the center during training. (default: spaced so that evaluation takes --eval-budget of the run's compute)", rich_help_panel=SYSTEM_PANEL)] = None,
+    eval_budget: Annotated[float, typer.Option(help="Share of the run's compute (cores, or GPUs) that evaluation may take; one evaluation's cost is measured at the start.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_budget,
+    eval_samples: Annotated[int, typer.Option(help="Test samples per evaluation while training: a fixed, seeded subset (0: the whole test set). The final evaluation always uses the whole test set.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_samples,
     eval_deferred: Annotated[bool, typer.Option("--eval-deferred", help="Only snapshot the center while training and evaluate the snapshots afterwards, so that evaluation takes no cores from the workers (--target-accuracy then cannot end the run early).", rich_help_panel=SYSTEM_PANEL)] = False,
     max_restarts: Annotated[int, typer.Option(help="Dead workers replaced (from the center) before the run gives up.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.max_restarts,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints; one is also written at the end and on Ctrl-C.", rich_help_panel=OUTPUT_PANEL)] = TrainConfig.checkpoint_every,
@@ -77,7 +80,8 @@ def train(
         epochs=epochs, time_limit=time_limit, target_accuracy=target_accuracy, dataset=dataset.value, data_dir=data_dir,
         download=download, model=model.value, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        threads=threads, eval_every=eval_every, eval_deferred=eval_deferred, out=out, quiet=quiet, max_restarts=max_restarts,
+        threads=threads, eval_every=eval_every, eval_budget=eval_budget, eval_samples=eval_samples,
+        eval_deferred=eval_deferred, out=out, quiet=quiet, max_restarts=max_restarts,
         checkpoint_every=checkpoint_every)
     checkpoint = None
     if resume is not None:
@@ -97,8 +101,11 @@ def bench(
     taus: Annotated[str, typer.Option(help="Comma-separated communication periods; every algorithm that has a tau (not sgd, msgd, ddp) runs once per value.", rich_help_panel=BENCH_PANEL)] = str(TrainConfig.tau),
     time_limit: Annotated[float, typer.Option(help="Seconds of training per run (start-up not counted).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_TIME_LIMIT,
     target_accuracy: Annotated[float, typer.Option(help="The test accuracy each run's time to target is measured to (with --live-eval a run also stops there).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_TARGET_ACCURACY,
-    eval_every: Annotated[float, typer.Option(help="Seconds between evaluations of the center (the resolution of the time to target).", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_EVAL_EVERY,
-    lr: Annotated[float, typer.Option(help="Learning rate eta of every run; the momentum algorithms get lr * (1 - momentum) (see --momentum).", rich_help_panel=ALGO_PANEL)] = TrainConfig.lr,
+    repeats: Annotated[int, typer.Option(help="Runs of every configuration, repeat r with seed + r; interleaved (repeat 1 of every run, then repeat 2, ...). Figures are the median [min, max].", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_REPEATS,
+    eval_every: Annotated[Optional[float], typer.Option(help="Seconds between snapshots of the center. (default: spaced by --eval-budget; the time to target is interpolated between snapshots)", rich_help_panel=BENCH_PANEL)] = None,
+    eval_budget: Annotated[float, typer.Option(help="Evaluation's compute relative to a run's (its snapshots are evaluated after it trains, on the whole test set); sets the spacing of the snapshots.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_EVAL_BUDGET,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate eta of every run; the momentum algorithms get lr * (1 - momentum) (see --momentum). (default: 0.1)", rich_help_panel=ALGO_PANEL)] = None,
+    lrs: Annotated[Optional[str], typer.Option(help="A grid of learning rates, e.g. 0.05,0.1,0.2: every algorithm (sgd included) runs at each, and the table shows each at its best.", rich_help_panel=ALGO_PANEL)] = None,
     momentum: Annotated[float, typer.Option(help="Nesterov momentum delta of the momentum algorithms (eamsgd, msgd, mdownpour). They run with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals the others' --lr.", rich_help_panel=ALGO_PANEL)] = _bench.DEFAULT_MOMENTUM,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, the same for every run.", rich_help_panel=ALGO_PANEL)] = TrainConfig.seed,
@@ -112,13 +119,16 @@ def bench(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line per run (the table is still printed).", rich_help_panel=OUTPUT_PANEL)] = False,
 ) -> None:
     """Compare algorithms: each trains for --time-limit (or to --target-accuracy); writes a table and a plot."""
+    if lr is not None and lrs is not None:
+        raise ConfigError("give --lr or --lrs, not both")
     options = _bench.BenchOptions(
         algos=_bench.parse_algos(algos), workers=workers, taus=_bench.parse_taus(taus),
-        time_limit=time_limit, target_accuracy=target_accuracy, lr=lr, momentum=momentum,
-        batch_size=batch_size, seed=seed, dataset=dataset.value, data_dir=data_dir,
-        model=model.value,
+        time_limit=time_limit, target_accuracy=target_accuracy,
+        lrs=_bench.parse_lrs(lrs) if lrs is not None else [TrainConfig.lr if lr is None else lr],
+        momentum=momentum, batch_size=batch_size, seed=seed, repeats=repeats,
+        dataset=dataset.value, data_dir=data_dir, model=model.value,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        eval_every=eval_every, live_eval=live_eval, out=out)
+        eval_every=eval_every, eval_budget=eval_budget, live_eval=live_eval, out=out)
     # '[i/n] label: ' as a run starts, the result on the same line when it ends.
     result = _bench.run_bench(
         options,

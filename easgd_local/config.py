@@ -84,7 +84,9 @@ class TrainConfig:
     workers: int | None = None  # None: one per device (2 on a CPU-only machine)
     devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"] or ["cpu"]; None: all GPUs, else cpu
     threads: int | None = None  # intra-op threads per CPU worker; None: the cores split between them
-    eval_every: float = 2.0  # seconds between evaluations of the center while training
+    eval_every: float | None = None  # seconds between evaluations; None: from the budget
+    eval_budget: float = 0.1  # share of the run's compute that evaluation may take
+    eval_samples: int = 2000  # test samples of each evaluation while training (0: all)
     eval_deferred: bool = False  # only snapshot while training; evaluate the snapshots after it
     eval_batch_size: int = 250  # small enough that stopping never waits long for an evaluation
     checkpoint_every: float | None = 60.0  # seconds between checkpoints (and one at the end)
@@ -122,10 +124,14 @@ class TrainConfig:
             raise ConfigError(f"--max-restarts must be >= 0 (got {self.max_restarts})")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1 (got {self.threads})")
-        if self.eval_every <= 0:
+        if self.eval_every is not None and not self.eval_every > 0:
             raise ConfigError(f"--eval-every must be > 0 seconds (got {self.eval_every})")
+        if not 0 < self.eval_budget <= 1:
+            raise ConfigError(f"--eval-budget must be in (0, 1] (got {self.eval_budget})")
+        if self.eval_samples < 0:
+            raise ConfigError(f"--eval-samples must be >= 0 (got {self.eval_samples})")
         if self.eval_batch_size < 1:
-            raise ConfigError(f"--eval-batch-size must be >= 1 (got {self.eval_batch_size})")
+            raise ConfigError(f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
         for flag, value in (("--steps", self.steps), ("--epochs", self.epochs),
                             ("--time-limit", self.time_limit)):
             if value is not None and value <= 0:

@@ -183,6 +183,17 @@ class Split(abc.ABC):
         n = len(self)
         return n // batch_size if drop_last else math.ceil(n / batch_size)
 
+    def subset(self, n: int, seed: int) -> "Split":
+        """A fixed random subset of ``n`` samples (drawn from ``seed``, in index order);
+        the split itself when it has no more than ``n``."""
+        if n >= len(self):
+            return self
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self._take(perm[:n].sort().values)
+
+    @abc.abstractmethod
+    def _take(self, indices: torch.Tensor) -> "Split": ...
+
 
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -236,6 +247,14 @@ class TensorSplit(Split):
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float32).mul_(self._scale).add_(self._shift)
+
+    def _take(self, indices: torch.Tensor) -> "TensorSplit":
+        part = TensorSplit.__new__(TensorSplit)
+        part.__dict__.update(self.__dict__)
+        idx = indices.to(self.device)
+        part.images = self.images.index_select(0, idx).contiguous()
+        part.labels = self.labels.index_select(0, idx)
+        return part
 
     def _center_crop(self, x: torch.Tensor) -> torch.Tensor:
         size, s = x.shape[-1], self.info.image_size
@@ -341,6 +360,12 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _take(self, indices: torch.Tensor) -> "LoaderSplit":
+        part = LoaderSplit.__new__(LoaderSplit)
+        part.__dict__.update(self.__dict__)
+        part.samples = [self.samples[i] for i in indices.tolist()]
+        return part
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from torchvision.transforms import functional as TF  # lazy: see module docstring
 
@@ -411,6 +436,12 @@ class LoaderSplit(Split):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def _take(self, indices: torch.Tensor) -> "LoaderSplit":
+        part = LoaderSplit.__new__(LoaderSplit)
+        part.__dict__.update(self.__dict__)
+        part.samples = [self.samples[i] for i in indices.tolist()]
+        return part
 
     def batches(
         self,

@@ -1,15 +1,43 @@
-"""Test loss and accuracy of flat state vectors (snapshots of the center), in the foreground or
-in a low-priority thread while training goes on."""
+"""Test loss and accuracy of the reported model over wall-clock time, within a compute budget.
+
+Evaluation competes with the workers for the machine. Its share is bounded instead of its
+period: the cost of one evaluation is measured on this machine and this model (the thread's
+CPU time, or wall time on a GPU), and snapshots are spaced so that evaluating them takes about
+``eval_budget`` (10%) of the compute of the run::
+
+    interval = cost of one evaluation / (budget * compute units)
+
+where the compute units are the cores the run may use (or the GPUs, when the evaluation runs on
+one). ``--eval-every`` overrides the interval.
+
+While training, a snapshot is evaluated on a fixed, seeded subset of the test set (at most
+``eval_samples`` samples; each record says how many it used); the final record always uses the
+whole test set, and so do deferred evaluations, which take nothing from the workers.
+
+- Live mode: a low-priority thread evaluates one snapshot at a time. A new snapshot is only
+  taken once the previous one is evaluated, so there is never a backlog: when training ends,
+  at most one evaluation is under way, and the summary follows within that evaluation plus the
+  final one.
+- Deferred mode: snapshots are only copied while training (their times are exact) and are
+  evaluated after it, with every core. They are held in memory up to ``MEMORY_BYTES`` and
+  spooled to the run directory beyond that; none is ever dropped silently. One that cannot be
+  kept (the disk is full) is counted in ``dropped``, and readers of the records (the bench)
+  then refuse to read a time to target from them.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
+import shutil
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,9 +47,36 @@ from .flat import flatten_
 
 log = logging.getLogger(__name__)
 
+EVAL_SUBSET_SEED = 12345  # the subset must not depend on the run's seed: runs compare on it
+MIN_INTERVAL = 0.25  # seconds; below this, snapshots cost more in copies than they tell
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    samples: int  # test samples used
+    subset: bool  # a subset of the test set (during training), not all of it
+    cost: float  # CPU seconds of the evaluating thread (wall seconds on a GPU)
+
+    def __iter__(self) -> Iterator[float]:
+        """Unpacks as ``loss, accuracy``."""
+        return iter((self.loss, self.accuracy))
+
+
+def compute_units(config: TrainConfig, eval_device: str) -> int:
+    """What the run computes on: the cores it may use, or its GPUs when evaluation is on one."""
+    if eval_device.startswith("cuda"):
+        return max(1, len({d for d in config.worker_devices if d.startswith("cuda")}))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
 
 class Evaluator:
-    """Holds the test split and one model whose flat state is overwritten by each snapshot."""
+    """Holds the test split (and its subset) and one model whose flat state is overwritten by
+    each snapshot."""
 
     def __init__(self, config: TrainConfig, image_size: int, device: torch.device | str = "cpu"):
         from .data import load_split
@@ -30,28 +85,39 @@ class Evaluator:
         self.device = torch.device(device)
         self.data = load_split(config.dataset, config.data_dir, train=False, device=self.device,
                                image_size=image_size)
+        limit = config.eval_samples or len(self.data)
+        self.subset = self.data.subset(limit, EVAL_SUBSET_SEED)
         self.state = flatten_(build_model(config.model, self.data.info), self.device)
         self.batch_size = config.eval_batch_size
 
-    @torch.no_grad()
-    def evaluate(self, flat: Tensor, cancel: threading.Event | None = None) -> tuple[float, float]:
-        """(mean test loss, test accuracy) of the model whose flat state is ``flat``.
+    def _clock(self) -> float:
+        # The thread's own CPU time measures what evaluation takes from the workers, whatever
+        # else the machine is doing; on a GPU the work is the device's, so wall time.
+        return time.perf_counter() if self.device.type == "cuda" else time.thread_time()
 
-        ``cancel`` is checked between batches: once set, Cancelled is raised."""
+    @torch.no_grad()
+    def evaluate(self, flat: Tensor, cancel: threading.Event | None = None,
+                 full: bool = True) -> Evaluation:
+        """Test loss and accuracy of the model whose flat state is ``flat``, on the whole test
+        set or (``full=False``) on the fixed subset. ``cancel`` is checked between batches:
+        once set, Cancelled is raised."""
+        start = self._clock()
+        data = self.data if full else self.subset
         model = self.state.module
         self.state.flat.copy_(flat)
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         count = 0
-        for x, y in self.data.batches(self.batch_size, drop_last=False):
+        for x, y in data.batches(self.batch_size, drop_last=False):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             count += y.numel()
-        return loss_sum.item() / max(count, 1), correct.item() / max(count, 1)
+        loss, accuracy = loss_sum.item() / max(count, 1), correct.item() / max(count, 1)
+        return Evaluation(loss, accuracy, count, data is not self.data, self._clock() - start)
 
     def state_dict(self, flat: Tensor) -> dict[str, Tensor]:
         """A plain state_dict of the model holding ``flat``, on the CPU, for ``torch.save``."""
@@ -63,80 +129,209 @@ class Cancelled(Exception):
     pass
 
 
-class BackgroundEvaluator:
-    """Evaluates snapshots of the center in a low-priority thread while the workers train.
+def record_fields(result: Evaluation) -> dict[str, Any]:
+    return {"test_loss": result.loss, "test_accuracy": result.accuracy,
+            "eval_samples": result.samples, "eval_subset": result.subset}
 
-    The main loop only takes snapshots (a copy of the center) on its cadence, so the time axis
-    of the metrics is exact; the evaluation itself runs at a raised nice value, so on a machine
-    whose cores all train (CPU workers) it takes what the workers leave over instead of slowing
-    them down. Snapshots wait in a bounded backlog; what is left when training ends is
-    evaluated then, outside the measured training time.
+
+class SnapshotSpool:
+    """Deferred snapshots in arrival order: in memory up to ``memory_bytes``, then as files in
+    ``directory`` (deleted once read back). A snapshot that cannot be written is counted in
+    ``dropped`` and logged, never lost without a word."""
+
+    def __init__(self, directory: Path, memory_bytes: int):
+        self.directory, self.memory_bytes = Path(directory), memory_bytes
+        self.items: list[tuple[Tensor | Path, dict[str, Any]]] = []
+        self.held = 0  # bytes in memory
+        self.spooled = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def put(self, snapshot: Tensor, meta: dict[str, Any]) -> None:
+        size = snapshot.numel() * snapshot.element_size()
+        if self.held + size <= self.memory_bytes:
+            self.items.append((snapshot, meta))
+            self.held += size
+            return
+        path = self.directory / f"{len(self.items):07d}.f32"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            snapshot.numpy().tofile(path)
+        except OSError as e:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("cannot keep a snapshot for deferred evaluation (%s); the records of "
+                            "this run are incomplete", e.strerror or e)
+            return
+        self.items.append((path, meta))
+        self.spooled += 1
+
+    def drain(self) -> Iterator[tuple[Tensor, dict[str, Any]]]:
+        """Every snapshot in order, each file deleted once it is read back."""
+        while self.items:
+            item, meta = self.items.pop(0)
+            if isinstance(item, Path):
+                snapshot = torch.from_numpy(np.fromfile(item, dtype=np.float32))
+                item.unlink(missing_ok=True)
+            else:
+                snapshot = item
+                self.held -= snapshot.numel() * snapshot.element_size()
+            yield snapshot, meta
+
+    def close(self) -> None:
+        self.items.clear()
+        self.held = 0
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class EvalScheduler:
+    """When to snapshot the reported model, and where its evaluation runs (see module doc).
+
+    The main loop calls :meth:`tick` often; it takes a snapshot through ``take`` when one is
+    due. ``on_record`` receives every evaluated record (metrics fields plus the evaluation's).
     """
 
     NICE = 5  # CPU weight ~1/3 of a worker's while they compete for a core
-    BACKLOG_BYTES = 256 * 2**20
+    MEMORY_BYTES = 256 * 2**20  # deferred snapshots held in memory before spooling to disk
+    SMOOTHING = 0.5  # weight of the newest cost in the running estimate
 
-    def __init__(self, evaluator: Evaluator, on_record: Callable[[dict[str, Any]], None],
-                 deferred: bool = False):
+    def __init__(self, evaluator: Evaluator, on_record: Callable[[dict[str, Any]], None], *,
+                 deferred: bool, every: float | None, budget: float, units: int,
+                 spool_dir: Path):
         self.evaluator, self.on_record = evaluator, on_record
-        numel = evaluator.state.flat.numel()
-        self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.BACKLOG_BYTES // (4 * numel)))
+        self.deferred, self.every, self.budget, self.units = deferred, every, budget, units
+        self.spool = SnapshotSpool(spool_dir, self.MEMORY_BYTES)
+        self.cost: float | None = None  # running estimate of one evaluation's cost
+        self.busy_cost = 0.0  # evaluation cost spent while the workers trained (live mode)
+        self.taken = 0
+        self.next_at = 0.0  # perf_counter time of the next snapshot
         self.error: BaseException | None = None
         self.cancel = threading.Event()
-        # Deferred: nothing is evaluated until drain(), so the workers have every core to
-        # themselves while they train (the snapshots still carry their exact times).
-        self.go = threading.Event()
+        self._pending: tuple[Tensor, dict[str, Any]] | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._wake = threading.Condition()
+        self._closed = False
+        self.thread: threading.Thread | None = None
         if not deferred:
-            self.go.set()
-        self.thread = threading.Thread(target=self._loop, name="easgd-evaluator", daemon=True)
-        self.thread.start()
+            self.thread = threading.Thread(target=self._loop, name="easgd-evaluator", daemon=True)
+            self.thread.start()
 
-    def submit(self, snapshot: Tensor, meta: dict[str, Any]) -> bool:
-        """Queue a snapshot with its record fields; False (and dropped) when the backlog is full."""
+    # -- spacing -------------------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        """Seconds between snapshots: --eval-every, else the measured cost over the budget."""
+        if self.every is not None:
+            return self.every
+        if self.cost is None:
+            return MIN_INTERVAL
+        return max(MIN_INTERVAL, self.cost / (self.budget * self.units))
+
+    def _observe(self, cost: float) -> None:
+        self.cost = cost if self.cost is None else (
+            self.SMOOTHING * cost + (1 - self.SMOOTHING) * self.cost)
+
+    def measure(self, flat: Tensor) -> float:
+        """Evaluate ``flat`` once in this thread, as the run's snapshots will be (live: on the
+        subset; deferred: on the whole test set), to learn what an evaluation costs here;
+        nothing is recorded. Returns the cost."""
+        result = self.evaluator.evaluate(flat, full=self.deferred)
+        self._observe(result.cost)
+        return result.cost
+
+    def start(self, now: float) -> None:
+        """Training starts at ``now``: the first snapshot is one interval later."""
+        self.next_at = now + self.interval
+
+    # -- while training ------------------------------------------------------------------
+
+    def tick(self, now: float, take: Callable[[], tuple[Tensor, dict[str, Any]]]) -> None:
+        """Take a snapshot if one is due (and, live, the evaluator is free)."""
         if self.error is not None:
             raise self.error
-        try:
-            self.queue.put_nowait((snapshot, meta))
-            return True
-        except queue.Full:
-            log.debug("evaluation backlog full; snapshot at %.1f s skipped", meta.get("seconds", 0))
-            return False
-
-    def drain(self) -> None:
-        """Evaluate everything queued, then stop the thread. Re-raises an evaluation error."""
-        self.go.set()
-        self.queue.put((None, None))
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """Stop the thread, discarding what is queued (the run failed or was interrupted)."""
-        self.cancel.set()  # an evaluation under way stops at its next batch
-        self.go.set()
-        while True:
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                break
-        self.queue.put((None, None))
-        self.thread.join()
+        if now < self.next_at or (not self.deferred and not self._idle.is_set()):
+            return
+        snapshot, meta = take()
+        self.taken += 1
+        if self.deferred:
+            self.spool.put(snapshot, meta)
+        else:
+            self._idle.clear()
+            with self._wake:
+                self._pending = (snapshot, meta)
+                self._wake.notify()
+        # Live, the next snapshot is due one interval after this one *and* after this one's
+        # evaluation (tick waits for the evaluator to be idle): no backlog can build up.
+        self.next_at = now + self.interval
 
     def _loop(self) -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICE)
         except (AttributeError, OSError):  # not Linux: a thread's priority is not its own
             pass
-        self.go.wait()
         while True:
-            snapshot, meta = self.queue.get()
-            if snapshot is None or self.cancel.is_set():
-                return
+            with self._wake:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                snapshot, meta = self._pending
+                self._pending = None
             try:
-                loss, acc = self.evaluator.evaluate(snapshot, self.cancel)
-                self.on_record({**meta, "test_loss": loss, "test_accuracy": acc})
+                result = self.evaluator.evaluate(snapshot, self.cancel, full=False)
+                self._observe(result.cost)
+                self.busy_cost += result.cost
+                self.on_record({**meta, **record_fields(result)})
             except Cancelled:
                 return
-            except BaseException as e:  # handed to the main thread by submit()/drain()
+            except BaseException as e:  # handed to the main thread by tick()/finish()
                 self.error = e
                 return
+            finally:
+                self._idle.set()
+
+    # -- after training ------------------------------------------------------------------
+
+    def finish(self, threads: int | None = None) -> None:
+        """Training is over: live, wait for the evaluation under way; deferred, evaluate every
+        kept snapshot in order (with ``threads`` intra-op threads). Re-raises an evaluation
+        error."""
+        self._stop_thread(cancel=False)
+        if self.error is not None:
+            raise self.error
+        if not self.deferred:
+            return
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            for snapshot, meta in self.spool.drain():
+                result = self.evaluator.evaluate(snapshot, full=True)
+                self.on_record({**meta, **record_fields(result)})
+        finally:
+            torch.set_num_threads(before)
+            self.spool.close()
+
+    def close(self) -> None:
+        """Stop without evaluating what is left (the run failed or was interrupted)."""
+        self._stop_thread(cancel=True)
+        self.spool.close()
+
+    def _stop_thread(self, cancel: bool) -> None:
+        if cancel:
+            self.cancel.set()  # an evaluation under way stops at its next batch
+        if self.thread is None:
+            return
+        self._idle.wait()  # the evaluation under way, if any, completes (or is cancelled)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self.thread.join()
+        self.thread = None

@@ -23,12 +23,12 @@ from typing import Any, Protocol
 import torch
 import torch.multiprocessing as mp
 
-from .algorithms import (BYTES, CHECKPOINT, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, GO, STOP,
-                         decide_stop)
+from .algorithms import (BYTES, CHECKPOINT, CONTROL_SIZE, DIVERGENCES, EXCHANGE_SECONDS,
+                         EXCHANGES, GO, RESUME, STOP, decide_stop)
 from .center import SharedCenter
 from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
-from .evaluate import BackgroundEvaluator, Evaluator
+from .evaluate import EvalScheduler, Evaluator, compute_units, record_fields
 from .output import RunDir, default_out
 from .worker import WorkerChannels, run_worker, steps_budget
 
@@ -82,11 +82,13 @@ class _Run:
     workers: list[_Worker] = field(default_factory=list)
     t0: float = 0.0
     states: dict[int, bytes] = field(default_factory=dict)  # latest known state of each rank
+    state_seq: dict[int, int] = field(default_factory=dict)  # the checkpoint each state answered
     checkpoint_seq: int = 0
     restarts: int = 0
     restart_seconds: list[float] = field(default_factory=list)
     last_accuracy: float | None = None
-    background: BackgroundEvaluator | None = None
+    last_record: dict[str, Any] = field(default_factory=dict)
+    scheduler: EvalScheduler | None = None
     train_size: int = 0  # reported by the workers when ready
     signals: int = 0  # SIGINT/SIGTERM seen; the first is acted on between messages
     stopping: bool = False
@@ -102,6 +104,9 @@ def prepare(config: TrainConfig, resuming: bool = False) -> tuple[RunDir, int]:
     from .models import MODELS, model_input_size
 
     config.validate()
+    if config.algo == "mdownpour" and config.tau > 1:
+        log.warning("mdownpour is defined by the paper for tau = 1 only; with tau = %d the master "
+                    "momentum acts on pushes of %d steps' updates", config.tau, config.tau)
     if config.model not in MODELS:
         raise ConfigError(f"unknown --model {config.model!r}; choose one of {', '.join(MODELS)}")
     info = prepare_dataset(config.dataset, config.data_dir, config.download)
@@ -134,7 +139,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
         torch.set_num_threads(1)
     torch.manual_seed(config.seed)  # the initial weights every worker starts from
     evaluator = Evaluator(config, image_size, eval_device)
-    ch = _channels(config, ctx, evaluator.state.flat.detach().cpu(), resume)
+    ch = _channels(config, ctx, evaluator.state.flat.detach().cpu(), evaluator.state.n_params, resume)
     run = _Run(config, ch, ctx, image_size, out, evaluator, reporter, Checkpointer(out.path))
     if resume is not None:
         run.restarts = int(resume["restarts"])
@@ -143,8 +148,12 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
     try:
         for rank in range(config.workers):
             _spawn(run, rank, 0, run.states.get(rank))
-        run.background = BackgroundEvaluator(evaluator, functools.partial(_record, run),
-                                             deferred=config.eval_deferred)
+        run.scheduler = EvalScheduler(
+            evaluator, functools.partial(_record, run), deferred=config.eval_deferred,
+            every=config.eval_every, budget=config.eval_budget,
+            units=compute_units(config, eval_device), spool_dir=out.path / ".snapshots")
+        # What one evaluation costs here sets their spacing; measured while the workers start.
+        run.scheduler.measure(ch.center.reported())
         train_size = _await_ready(run)
         startup = time.perf_counter() - t_start
         budget = steps_budget(config, train_size)
@@ -196,10 +205,11 @@ def _check_interrupt(run: _Run) -> None:
         raise KeyboardInterrupt
 
 
-def _channels(config: TrainConfig, ctx: Any, init: torch.Tensor, resume: dict[str, Any] | None) -> WorkerChannels:
+def _channels(config: TrainConfig, ctx: Any, init: torch.Tensor, n_params: int,
+              resume: dict[str, Any] | None) -> WorkerChannels:
     spec = config.spec
     center = SharedCenter(resume["center"] if resume is not None else init, lock=config.lock,
-                          average=spec.averaged,
+                          average=spec.averaged, n_params=n_params,
                           momentum=config.resolved_momentum if spec.master_momentum else 0.0)
     steps = torch.zeros(config.workers, dtype=torch.int64)
     counters = torch.zeros(config.workers, 4, dtype=torch.float64)
@@ -212,8 +222,8 @@ def _channels(config: TrainConfig, ctx: Any, init: torch.Tensor, resume: dict[st
         steps.copy_(resume["steps"])
         counters.copy_(resume["counters"])
         losses.copy_(resume["losses"])
-    control = torch.zeros(3, dtype=torch.int64).share_memory_()
-    agreed = torch.zeros(1, dtype=torch.int64).share_memory_()
+    control = torch.zeros(CONTROL_SIZE, dtype=torch.int64).share_memory_()
+    agreed = torch.zeros(2, dtype=torch.int64).share_memory_()
     ch = WorkerChannels(
         center=center, steps=steps.share_memory_(), losses=losses.share_memory_(),
         control=control, counters=counters.share_memory_(), agreed=agreed,
@@ -269,6 +279,7 @@ def _handle(run: _Run, worker: _Worker, msg: tuple) -> None:
         log.warning("%s", msg[2])
     elif kind == "state":
         run.states[rank] = msg[3]
+        run.state_seq[rank] = msg[2]
     elif kind == "done":
         run.states[rank] = msg[2]
         worker.done = True
@@ -320,7 +331,7 @@ def _supervise(run: _Run) -> float:
     """Until every worker is done: messages, deaths, snapshots, checkpoints, the time limit."""
     config, ch = run.config, run.ch
     now = time.perf_counter()
-    next_eval = now + config.eval_every
+    run.scheduler.start(now)
     next_checkpoint = now + config.checkpoint_every if config.checkpoint_every else math.inf
     while not all(w.done for w in run.workers):
         _receive(run, POLL_SECONDS)
@@ -328,9 +339,8 @@ def _supervise(run: _Run) -> float:
         elapsed = now - run.t0
         if config.time_limit is not None and elapsed >= config.time_limit:
             ch.control[STOP] = 1
-        if now >= next_eval and not all(w.done for w in run.workers):
-            run.background.submit(*_snapshot(run, elapsed))
-            next_eval += config.eval_every * max(1, math.ceil((now - next_eval) / config.eval_every))
+        if not all(w.done for w in run.workers):
+            run.scheduler.tick(now, functools.partial(_snapshot, run, elapsed))
         if now >= next_checkpoint:
             _checkpoint_now(run, elapsed)
             next_checkpoint = time.perf_counter() + config.checkpoint_every
@@ -339,19 +349,32 @@ def _supervise(run: _Run) -> float:
 
 
 def _checkpoint_now(run: _Run, elapsed: float) -> None:
-    """Ask every worker for its state, collect what arrives, write the checkpoint."""
+    """A checkpoint of one instant: every worker answers with its state and pauses, the center
+    is copied once all have answered (no exchange can happen in between), then they go on.
+
+    A worker that does not answer within STATE_TIMEOUT_SECONDS keeps its older state in the
+    checkpoint, which is then not of one instant; this is logged."""
     run.checkpoint_seq += 1
-    run.ch.control[CHECKPOINT] = run.checkpoint_seq
-    pending = {w.rank for w in run.workers if not w.done and w.ready}
+    seq = run.checkpoint_seq
+    run.ch.control[CHECKPOINT] = seq
+    waiting = {w.rank: w for w in run.workers if not w.done and w.ready}
     deadline = time.perf_counter() + STATE_TIMEOUT_SECONDS
-    before = dict(run.states)
-    while pending and time.perf_counter() < deadline:
-        _receive(run, POLL_SECONDS)
-        pending = {r for r in pending if run.states.get(r) is before.get(r) and not run.workers[r].done}
-    _save_checkpoint(run, elapsed)
+    try:
+        while waiting and time.perf_counter() < deadline:
+            _receive(run, POLL_SECONDS)
+            # A rank whose process died (and was replaced) no longer owes this checkpoint.
+            waiting = {r: w for r, w in waiting.items()
+                       if run.workers[r] is w and not w.done and run.state_seq.get(r) != seq}
+        if waiting:
+            log.warning("checkpoint: worker(s) %s did not answer within %.0f s; their older "
+                        "states are kept", sorted(waiting), STATE_TIMEOUT_SECONDS)
+        payload = _checkpoint_payload(run, elapsed)
+    finally:
+        run.ch.control[RESUME] = seq  # the copies are taken: the workers go on
+    run.checkpointer.save(payload)
 
 
-def _save_checkpoint(run: _Run, elapsed: float) -> None:
+def _checkpoint_payload(run: _Run, elapsed: float) -> dict[str, Any]:
     c = run.ch.center
     with c.guard():
         payload = {
@@ -362,7 +385,11 @@ def _save_checkpoint(run: _Run, elapsed: float) -> None:
     payload.update({"steps": run.ch.steps.clone(), "counters": run.ch.counters.clone(),
                     "losses": run.ch.losses.clone(), "workers": dict(run.states),
                     "elapsed": elapsed, "restarts": run.restarts})
-    run.checkpointer.save(payload)
+    return payload
+
+
+def _save_checkpoint(run: _Run, elapsed: float) -> None:
+    run.checkpointer.save(_checkpoint_payload(run, elapsed))
 
 
 def _snapshot(run: _Run, elapsed: float) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -376,8 +403,10 @@ def _snapshot(run: _Run, elapsed: float) -> tuple[torch.Tensor, dict[str, Any]]:
 
 def _record(run: _Run, record: dict[str, Any]) -> None:
     """One evaluated snapshot: metrics.jsonl, the progress display, the accuracy target."""
-    record = {k: record[k] for k in ("seconds", "samples", "steps", "test_loss", "test_accuracy", "train_loss")}
+    record = {k: record[k] for k in ("seconds", "samples", "steps", "test_loss", "test_accuracy",
+                                     "train_loss", "eval_samples", "eval_subset")}
     run.out.append_metrics(record)
+    run.last_record = record
     run.last_accuracy = record["test_accuracy"]
     run.reporter.evaluated(record)
     target = run.config.target_accuracy
@@ -386,12 +415,16 @@ def _record(run: _Run, record: dict[str, Any]) -> None:
 
 
 def _finish(run: _Run, startup: float, train_seconds: float) -> dict[str, Any]:
+    """After training: the center first (nothing after it can cost the trained model), the
+    checkpoint, then the evaluations still due and the final one, on the whole test set."""
     config, ch = run.config, run.ch
-    _save_checkpoint(run, train_seconds)
-    run.background.drain()  # snapshots still waiting, now that the workers are done
+    ended = time.perf_counter()
     snapshot, final = _snapshot(run, train_seconds)
-    final["test_loss"], final["test_accuracy"] = run.evaluator.evaluate(snapshot)
-    _record(run, final)
+    run.out.save_state_dict("center.pt", run.evaluator.state_dict(snapshot))
+    _save_checkpoint(run, train_seconds)
+    scheduler = run.scheduler
+    scheduler.finish(threads=scheduler.units if run.evaluator.device.type == "cpu" else None)
+    _record(run, {**final, **record_fields(run.evaluator.evaluate(snapshot))})
     counters = ch.counters.sum(0).tolist()
     samples = int(ch.steps.sum()) * config.batch_size
     summary = {
@@ -407,10 +440,19 @@ def _finish(run: _Run, startup: float, train_seconds: float) -> dict[str, Any]:
         if train_seconds > 0 else 0.0,
         "worker_restarts": run.restarts, "restart_seconds": run.restart_seconds,
         "divergences": int(counters[DIVERGENCES]),
-        "final_test_accuracy": final["test_accuracy"], "final_test_loss": final["test_loss"],
+        "final_test_accuracy": run.last_record["test_accuracy"],
+        "final_test_loss": run.last_record["test_loss"],
         "final_train_loss": final["train_loss"],
+        # Evaluation: what it cost while the workers trained, as a share of the run's compute
+        # (cores or GPUs), how far apart the snapshots were, and any snapshot not evaluated.
+        "eval_deferred": scheduler.deferred, "eval_snapshots": scheduler.taken,
+        "eval_interval_s": round(train_seconds / scheduler.taken, 3) if scheduler.taken else None,
+        "eval_cpu_seconds": round(scheduler.busy_cost, 3),
+        "eval_share": scheduler.busy_cost / (scheduler.units * train_seconds) if train_seconds > 0 else 0.0,
+        "snapshots_dropped": scheduler.spool.dropped,
+        # From the end of training to this summary: deferred evaluations, the final one, saving.
+        "finish_seconds": round(time.perf_counter() - ended, 3),
     }
-    run.out.save_state_dict("center.pt", run.evaluator.state_dict(snapshot))
     run.out.write_json("summary.json", summary)
     return summary
 
@@ -463,8 +505,8 @@ def _shutdown(run: _Run) -> None:
             w.proc.kill()
             w.proc.join()
         w.conn.close()
-    if run.background is not None and run.background.thread.is_alive():
-        run.background.close()
+    if run.scheduler is not None:
+        run.scheduler.close()
     if run.ch.rendezvous:
         for path in (run.ch.rendezvous,):
             if os.path.exists(path):

@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 MODELS: tuple[str, ...] = ("cnn", "cifar-paper", "resnet18")
 
 # Widths of the default `cnn`; module-level so they can be tuned for speed vs accuracy.
-CNN_CONV1_CHANNELS = 32
-CNN_CONV2_CHANNELS = 64
-CNN_HIDDEN = 128
+CNN_CONV1_CHANNELS = 16
+CNN_CONV2_CHANNELS = 32
+CNN_HIDDEN = 64
 
 # The EASGD paper's CIFAR net: three convolutions, one hidden fully connected layer.
 PAPER_CONV_CHANNELS = (64, 128, 64)

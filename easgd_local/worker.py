@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from . import algorithms, rules
-from .algorithms import BYTES, CHECKPOINT, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, GO, STOP
+from .algorithms import (AGREED_CHECKPOINT, BYTES, CHECKPOINT, DIVERGENCES, EXCHANGE_SECONDS,
+                         EXCHANGES, GO, RESUME, STOP)
 from .center import CenterLink, Diverged, SharedCenter
+from .checkpoint import unpack_state
 from .config import TrainConfig, cpu_threads_per_worker
 from .flat import check_views, flatten_
 
@@ -40,14 +42,28 @@ class WorkerChannels:
     center: SharedCenter
     steps: torch.Tensor  # int64 [workers]: local steps done, written by each worker
     losses: torch.Tensor  # float64 [workers]: mean training loss since the last report
-    control: torch.Tensor  # int64 [3]: GO, STOP, CHECKPOINT (the sequence number asked for)
+    control: torch.Tensor  # int64 [4]: GO, STOP, CHECKPOINT (asked for), RESUME (taken)
     counters: torch.Tensor  # float64 [workers, 4]: EXCHANGES, BYTES, EXCHANGE_SECONDS, DIVERGENCES
     barrier: Any = None  # Barrier of the synchronous algorithms (its action fills `agreed`)
-    agreed: torch.Tensor | None = None  # int64 [1]: the stop decision taken at the barrier
+    agreed: torch.Tensor | None = None  # int64 [2]: stop and checkpoint, decided at the barrier
     rendezvous: str | None = None  # DDP: path of the file the process group meets at
 
     def stopping(self) -> bool:
         return bool(self.control[STOP])
+
+    def checkpoint_asked(self, synchronous: bool) -> int:
+        """The newest checkpoint this worker must answer. Synchronous workers take it from
+        their barrier, so that all of them answer after the same step."""
+        if synchronous and self.agreed is not None:
+            return int(self.agreed[AGREED_CHECKPOINT])
+        return int(self.control[CHECKPOINT])
+
+    def await_resume(self, seq: int, parent_pid: int) -> None:
+        """Pause after answering checkpoint ``seq`` until the main process has taken it: the
+        center and every worker's state are then from one instant (no exchange in between)."""
+        while int(self.control[RESUME]) < seq and not self.stopping():
+            _check_parent(parent_pid)
+            time.sleep(0.001)
 
 
 def steps_budget(config: TrainConfig, train_size: int) -> int | None:
@@ -92,18 +108,29 @@ class _Fault:
     """Fault injection for tests: EASGD_LOCAL_FAULT="rank:step:kind[,...]" makes the first
     process of that rank fail at that local step. Kinds: exit (exit code 3), kill (SIGKILL),
     kill-in-lock (SIGKILL halfway through adding an exchange to the center, lock held),
-    nan (the worker's parameters become NaN), hang (stop making progress)."""
+    nan (the worker's parameters become NaN), hang (stop making progress), and drift:S (from
+    that step on, the local step is replaced by adding S to every parameter: a known, data-free
+    move, so that sums over workers and center can be checked exactly)."""
 
     def __init__(self, rank: int, incarnation: int):
         self.at: dict[int, str] = {}
+        self.drift: float | None = None  # the local step's replacement, once it applies
+        self._drift_from: tuple[int, float] | None = None
         if incarnation:
             return  # a restarted worker runs clean, or a test would crash it forever
         for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-            r, step, kind = item.split(":")
-            if int(r) == rank:
+            r, step, kind = item.split(":", 2)
+            if int(r) != rank:
+                continue
+            if kind.startswith("drift:"):
+                # From that step on, also in a resumed run (whose steps start later).
+                self._drift_from = (int(step), float(kind.split(":", 1)[1]))
+            else:
                 self.at[int(step)] = kind
 
     def __call__(self, step: int, y: torch.Tensor, center: SharedCenter) -> None:
+        if self._drift_from is not None and step >= self._drift_from[0]:
+            self.drift = self._drift_from[1]
         kind = self.at.get(step)
         if kind == "exit":
             os._exit(3)
@@ -134,10 +161,6 @@ def _pack(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def unpack_state(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent_pid: int,
@@ -193,7 +216,7 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
 
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
-    checkpoint_seq = int(ch.control[CHECKPOINT])
+    checkpoint_seq = ch.checkpoint_asked(spec.synchronous)
     reported = [0.0, 0.0, 0.0]  # this process's exchanges, bytes, seconds already in ch.counters
 
     def report_totals() -> None:
@@ -218,7 +241,10 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
                 if not comm.before_step(step, state.flat, v):
                     running = False
                     break
-                rules.local_step_(state.flat, state.grad, config.lr, v=v, momentum=momentum)
+                if fault.drift is None:
+                    rules.local_step_(state.flat, state.grad, config.lr, v=v, momentum=momentum)
+                else:
+                    state.flat[: state.n_params].add_(fault.drift)
                 comm.after_step(step, state.flat, v)
             except Diverged as e:
                 # Nothing reached the center: start again from it, with fresh momentum.
@@ -243,9 +269,10 @@ def _train(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, parent
                 loss_sum.zero_()
                 loss_count = 0
                 report_totals()
-            if int(ch.control[CHECKPOINT]) != checkpoint_seq:
-                checkpoint_seq = int(ch.control[CHECKPOINT])
+            if ch.checkpoint_asked(spec.synchronous) != checkpoint_seq:
+                checkpoint_seq = ch.checkpoint_asked(spec.synchronous)
                 conn.send(("state", rank, checkpoint_seq, snapshot()))
+                ch.await_resume(checkpoint_seq, parent_pid)
             if step % PARENT_CHECK_EVERY == 0:
                 _check_parent(parent_pid)
             # Synchronous algorithms agree on stopping at their barrier instead.

@@ -132,3 +132,117 @@ def test_new_algorithm_improves_the_center(tmp_path, algo, kw):
     assert math.isfinite(s["final_test_loss"]) and s["final_test_loss"] < init_loss - 0.02, (init_loss, s)
     assert s["steps_per_worker"] == [100, 100]
     assert s["exchanges"] > 0 and s["bytes_exchanged"] > 0
+
+
+# --- DOWNPOUR and batch-norm statistics ------------------------------------------------------
+
+def _running_var_slices(state):
+    base = state.flat.data_ptr()
+    return [slice((b.data_ptr() - base) // 4, (b.data_ptr() - base) // 4 + b.numel())
+            for name, b in state.module.named_buffers() if name.endswith("running_var")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo_momentum", [0.0, 0.9], ids=["downpour", "mdownpour"])
+def test_downpour_keeps_batch_norm_statistics_sane(algo_momentum):
+    """resnet18 on tiny inputs, 4 workers pushing every 10 steps in turn through the real
+    CenterLink. Running statistics pushed as deltas (with master momentum on top) drift out of
+    any worker's range and can turn a variance negative; the center must hold the pushing
+    worker's own buffers, finite, every variance positive."""
+    from easgd_local.center import CenterLink
+    from easgd_local.data import DatasetInfo
+
+    torch.manual_seed(0)
+    info = DatasetInfo("tiny", 10, 3, 4)
+    states = [flatten_(build_model("resnet18", info)) for _ in range(4)]
+    n = states[0].n_params
+    center = SharedCenter(states[0].flat.clone(), momentum=algo_momentum, n_params=n)
+    links = [CenterLink(center, torch.device("cpu")) for _ in states]
+    for st in states:
+        st.flat.copy_(center.data)
+        st.module.train()
+    pulled = [st.flat.clone() for st in states]
+    variances = _running_var_slices(states[0])
+    assert variances and n < center.numel
+    gen = torch.Generator().manual_seed(1)
+    tau, rounds, pushes = 5, 6, 0
+    for step in range(tau * rounds):
+        for w, st in enumerate(states):
+            # Inputs of a different scale per worker, so the workers' statistics differ widely.
+            x = torch.randn(4, 3, 4, 4, generator=gen) * (1 + 3 * w)
+            y = torch.randint(0, 10, (4,), generator=gen)
+            st.grad.zero_()
+            F.cross_entropy(st.module(x), y).backward()
+            rules.local_step_(st.flat, st.grad, 0.01)
+            if (step + 1) % tau == 0:
+                mine = st.flat[n:].clone()
+                links[w].push_pull(st.flat, pulled[w])
+                pushes += 1
+                torch.testing.assert_close(center.data[n:], mine, rtol=0, atol=0)
+                assert torch.isfinite(center.data).all()
+                assert all((center.data[s] > 0).all() for s in variances)
+    assert pushes == 4 * rounds
+
+
+# --- the real trainer against the literal reference, step for step --------------------------
+
+def _replay_reference(config, steps, momentum):
+    """Algorithms 1/2 of the paper on one worker, with the trainer's initial weights, data order
+    and weight decay; returns (worker x, center) after ``steps`` local steps."""
+    from easgd_local.rules_reference import ReferenceAsyncEASGD
+
+    torch.manual_seed(config.seed)
+    init = Evaluator(config, 28, "cpu").state.flat.clone()
+    data = load_split("mnist10k", config.data_dir, train=True, device="cpu", image_size=28)
+    st = flatten_(build_model("cnn", data.info))
+    shapes = [p.shape for p in st.module.parameters()]
+    sizes = [p.numel() for p in st.module.parameters()]
+    batches = list(data.batches(config.batch_size, generator=torch.Generator().manual_seed(config.seed)))
+
+    def grad_fn(point, worker, t):
+        st.flat.copy_(torch.cat([p.reshape(-1) for p in point]))
+        st.grad.zero_()
+        x, y = batches[t]
+        F.cross_entropy(st.module(x), y).backward()
+        return [g.view(s) for g, s in zip(st.grad.split(sizes), shapes)]
+
+    ref = ReferenceAsyncEASGD([p.view(s) for p, s in zip(init.split(sizes), shapes)], 1,
+                              lr=config.lr, alpha=config.resolved_alpha, tau=config.tau,
+                              momentum=momentum, weight_decay=config.weight_decay)
+    for _ in range(steps):
+        ref.step(0, grad_fn)
+    flat = lambda pieces: torch.cat([p.reshape(-1) for p in pieces]).float()  # noqa: E731
+    return flat(ref.workers[0].x), flat(ref.center)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,extra", [("easgd", {}), ("eamsgd", {"momentum": 0.9})])
+def test_one_worker_trainer_follows_the_reference(tmp_path, algo, extra):
+    """The whole worker loop (gradient, weight decay, exchange, local step, in that order) of a
+    spawned worker against a slow literal reference: an exchange moved before the gradient, a
+    lost weight decay or a look-ahead in the wrong place shows here."""
+    from easgd_local.checkpoint import Checkpointer, unpack_state
+
+    steps = 14
+    config, s = _train(tmp_path, algo, algo=algo, workers=1, tau=3, steps=steps, lr=0.05,
+                       weight_decay=1e-3, eval_every=100.0, checkpoint_every=None, **extra)
+    momentum = config.resolved_momentum
+    x_ref, c_ref = _replay_reference(config, steps, momentum)
+    final = unpack_state(Checkpointer(config.out).load()["workers"][0])
+    x = rules.current_x(final["flat"], final["v"], momentum)
+    torch.testing.assert_close(x, x_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_center(config), c_ref, rtol=1e-4, atol=1e-5)
+    assert s["exchanges"] == math.ceil(steps / 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["adownpour", "mvadownpour"])
+def test_averaged_downpour_reports_the_average(tmp_path, algo):
+    """center.pt (and every evaluation) is the running average, not the center itself."""
+    from easgd_local.checkpoint import Checkpointer
+
+    config, _ = _train(tmp_path, algo, algo=algo, workers=2, tau=1, steps=40, eval_every=100.0)
+    saved = Checkpointer(config.out).load()
+    reported = _center(config)
+    torch.testing.assert_close(reported, saved["average"], rtol=0, atol=0)
+    assert (reported - saved["center"]).abs().max() > 1e-3

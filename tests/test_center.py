@@ -116,3 +116,32 @@ def test_cuda_link_registers_shared_pages_and_exchanges():
         torch.testing.assert_close(center.data, torch.full((1024,), 0.5))
     finally:
         link.close()
+
+
+class _FakeCudart:
+    def __init__(self, err):
+        self.err = err
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (CUDA's name)
+        return self.err
+
+
+@pytest.mark.parametrize("cleared", [True, False])
+def test_failed_page_lock_clears_cuda_error_or_says_why(monkeypatch, cleared):
+    """A refused cudaHostRegister leaves CUDA's last error set: it is cleared (and copies go
+    pageable), or the worker stops with one line; never a later, unrelated kernel failure."""
+    from easgd_local import center as center_module
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(2))
+    monkeypatch.setattr(center_module, "_clear_cuda_error", lambda: calls.append(1) or cleared)
+    t = torch.zeros(8)
+    if cleared:
+        assert center_module.page_lock(t) is False
+    else:
+        with pytest.raises(RuntimeError) as err:
+            center_module.page_lock(t)
+        assert "\n" not in str(err.value) and "cudaError 2" in str(err.value)
+    assert calls == [1]
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(0))
+    assert center_module.page_lock(t) is True and calls == [1]  # success: nothing to clear

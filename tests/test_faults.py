@@ -200,3 +200,103 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "no readable checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- checkpoints of one instant ---------------------------------------------------------------
+
+def _invariant_error(payload, c0, drifts, n):
+    """max |center + sum of workers - (p+1) c0 - sum of each worker's known drift| over the
+    parameters. Exchanges move d from a worker to the center, so this is 0 up to rounding when
+    the center and the workers' states were taken at one instant."""
+    from easgd_local.checkpoint import unpack_state
+
+    total = payload["center"][:n].double() - (len(drifts) + 1) * c0[:n].double()
+    for rank, drift in enumerate(drifts):
+        state = unpack_state(payload["workers"][rank])
+        total += state["flat"][:n].double() - drift * int(state["step"])
+    return float(total.abs().max())
+
+
+def test_periodic_checkpoints_are_of_one_instant(tmp_path, monkeypatch):
+    """Exchanges only (each worker's local step replaced by a known drift): center + sum of
+    workers must be exact in every periodic checkpoint, and stay so through a resume from one."""
+    from easgd_local.checkpoint import Checkpointer
+    from easgd_local.evaluate import Evaluator
+
+    drifts = [0.01, -0.01]
+    monkeypatch.setenv(FAULT_ENV, ",".join(f"{r}:0:drift:{d}" for r, d in enumerate(drifts)))
+    saved = []
+    real_save = Checkpointer.save
+
+    def capture(self, payload):
+        saved.append(payload)
+        real_save(self, payload)
+
+    monkeypatch.setattr(Checkpointer, "save", capture)
+    out = tmp_path / "run"
+    before = leftovers_snapshot()
+    config = TrainConfig(out=out, quiet=True, workers=2, tau=4, steps=700, eval_every=100.0,
+                         checkpoint_every=0.2)
+    train(config)
+    torch.manual_seed(config.seed)
+    c0 = Evaluator(config, 28, "cpu").state.flat.clone()
+    n = c0.numel()
+    periodic = saved[:-1]
+    assert len(periodic) >= 2, len(saved)
+    errors = [_invariant_error(p, c0, drifts, n) for p in saved]
+    # One exchange moves ~0.04 per entry here; rounding over 900 steps stays far below 2e-3.
+    assert max(errors) < 2e-3, errors
+
+    # Resume from a periodic checkpoint (not the final one) for more steps.
+    middle = periodic[len(periodic) // 2]
+    saved.clear()
+    ck = Checkpointer(out)
+    ck.current.unlink()
+    real_save(ck, {k: v for k, v in middle.items() if k != "version"})
+    resumed = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    resumed.steps = 900
+    train(resumed, resume=ck.load())
+    assert_no_leftovers(before)
+    final = saved[-1]
+    assert _invariant_error(final, c0, drifts, n) < 2e-3
+    from easgd_local.checkpoint import unpack_state
+    assert [int(unpack_state(final["workers"][r])["step"]) for r in (0, 1)] == [900, 900]
+
+
+# --- a checkpoint that would run code ---------------------------------------------------------
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["payload", "worker-state"])
+def test_checkpoint_that_pickles_a_call_is_refused(tmp_path, where):
+    import io
+
+    from easgd_local.checkpoint import VERSION
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(TrainConfig(out=out).to_dict()))
+    marker = tmp_path / "ran"
+    (out / "checkpoint").mkdir()
+    if where == "payload":
+        payload = {"version": VERSION, "center": _RunsCode(marker)}
+    else:
+        inner = io.BytesIO()
+        torch.save({"flat": _RunsCode(marker)}, inner)
+        payload = {"version": VERSION, "center": torch.zeros(3), "velocity": None, "average": None,
+                   "clock": torch.zeros(1), "steps": torch.zeros(2), "counters": torch.zeros(2, 4),
+                   "losses": torch.zeros(2), "workers": {0: inner.getvalue()}, "elapsed": 1.0,
+                   "restarts": 0}
+    torch.save(payload, out / "checkpoint" / "state.pt")
+    proc = subprocess.run([sys.executable, "-m", "easgd_local", "train", "--resume", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "no readable checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()

@@ -52,9 +52,14 @@ def test_async_rules_match_reference_every_step(momentum, workers, tau):
     ys = [x0.clone() for _ in range(workers)]
     vs = [torch.zeros(n) for _ in range(workers)]
     t = [0] * workers
-    # Buffers drift on their own (as batch-norm statistics would); both sides see the same drift.
+    # Buffers drift on their own (as batch-norm statistics would); both sides see the same drift,
+    # so a buffer left out of the exchange would leave the worker and the center apart.
+    gen = torch.Generator().manual_seed(7)
     for turn in range(100):
         i = turn % workers
+        drift = torch.randn(nb, generator=gen)
+        ys[i][n:] += drift
+        ref.workers[i].x[-1] += drift.double()
         # The gradient, weight decay included, at the point before the exchange.
         g = _flat(oracle(_pieces(ys[i][:n], SHAPES), i, t[i]))
         rules.add_weight_decay_(g, ys[i], wd)
@@ -102,18 +107,21 @@ def test_alpha_zero_leaves_workers_independent():
 
 
 def test_eamsgd_with_zero_momentum_is_easgd():
+    """The momentum path with delta = 0 against Algorithm 1 written out by hand."""
     torch.manual_seed(4)
-    y1 = torch.randn(30)
-    y2, c1 = y1.clone(), torch.randn(30)
-    c2 = c1.clone()
+    y, c = torch.randn(30), torch.randn(30)
+    x, center = y.clone(), c.clone()  # the literal EASGD side
     v = torch.zeros(30)
     for t in range(20):
-        g = torch.sin(y1) + 0.01 * t
-        rules.elastic_exchange_(y1, c1, 0.2)
-        rules.elastic_exchange_(y2, c2, 0.2, v=v, momentum=0.0)
-        rules.local_step_(y1, g, 0.1)
-        rules.local_step_(y2, g, 0.1, v=v, momentum=0.0)
-    assert torch.equal(y1, y2) and torch.equal(c1, c2)
+        g = torch.sin(y) + 0.01 * t
+        rules.elastic_exchange_(y, c, 0.2, v=v, momentum=0.0)
+        rules.local_step_(y, g, 0.1, v=v, momentum=0.0)
+        g_x = torch.sin(x) + 0.01 * t  # gradient at the pre-exchange x
+        d = 0.2 * (x - center)
+        x, center = x - d - 0.1 * g_x, center + d
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c, center, rtol=0, atol=1e-6)
+    assert torch.equal(v, torch.zeros(30))  # with delta = 0 the velocity is the step, never kept
 
 
 def test_one_worker_alpha_one_tau_one_sets_center_to_worker():

@@ -55,7 +55,7 @@ from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALGOS = "sgd,easgd,eamsgd,downpour,ddp"
+DEFAULT_ALGOS = "sgd,msgd,easgd,eamsgd,downpour,ddp"
 DEFAULT_TIME_LIMIT = 60.0
 DEFAULT_TARGET_ACCURACY = 0.97
 DEFAULT_MOMENTUM = 0.9
@@ -95,7 +95,7 @@ class BenchOptions:
     taus: list[int] = field(default_factory=lambda: [TrainConfig.tau])
     time_limit: float = DEFAULT_TIME_LIMIT
     target_accuracy: float = DEFAULT_TARGET_ACCURACY
-    lrs: list[float] = field(default_factory=lambda: [TrainConfig.lr])
+    lrs: list[float] | None = None  # None: each algorithm at its own default (train's)
     momentum: float = DEFAULT_MOMENTUM  # momentum algorithms run with lr * (1 - momentum)
     batch_size: int = TrainConfig.batch_size
     seed: int = TrainConfig.seed
@@ -110,6 +110,7 @@ class BenchOptions:
     # evaluation takes no cores from the workers it measures (runs then last --time-limit)
     live_eval: bool = False
     calibrate: bool = True  # measure the machine's one-thread samples/s first
+    options: dict[str, Any] = field(default_factory=dict)  # algorithm options, to those that take them
     out: Path | None = None  # None: runs/bench-<timestamp>
 
 
@@ -120,7 +121,7 @@ class RunSpec:
     index: int
     algo: str
     tau: int | None  # None for algorithms without a communication period
-    lr: float  # the grid's value (momentum algorithms run at lr * (1 - momentum))
+    lr: float  # the step of the grid (momentum algorithms run at lr * (1 - momentum))
     repeat: int
     config: TrainConfig
     workers: int = 0  # resolved by validation
@@ -204,14 +205,19 @@ def single_worker(algo: str) -> bool:
 
 def uses_momentum(algo: str) -> bool:
     """Momentum algorithms (eamsgd, msgd, mdownpour): run with lr * (1 - momentum)."""
-    return cfg.ALGORITHMS[algo].momentum
+    return cfg.ALGORITHMS[algo].uses_momentum
 
 
 def has_tau(algo: str) -> bool:
-    """Whether ``algo`` has a communication period: not the single-worker references, not ddp
-    (synchronous data-parallel SGD all-reduces the gradients at every step)."""
-    spec = cfg.ALGORITHMS[algo]
-    return not (spec.single_worker or spec.ddp)
+    """Whether ``algo`` has a communication period (not the single-worker references, not ddp,
+    which all-reduces the gradients at every step)."""
+    return cfg.ALGORITHMS[algo].has_tau
+
+
+def options_for(algo: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The algorithm options of a bench that ``algo`` takes (each run gets only its own)."""
+    own = {o.name for o in cfg.ALGORITHMS[algo].options}
+    return {k: v for k, v in options.items() if k in own and v is not None}
 
 
 def run_label(algo: str, workers: int, tau: int | None, lr: float | None = None) -> str:
@@ -233,13 +239,15 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
     for repeat in range(options.repeats):
         for algo in options.algos:
             for tau in (options.taus if has_tau(algo) else [None]):
-                for base_lr in options.lrs:
+                for base_lr in (options.lrs or [None]):
                     momentum = options.momentum if uses_momentum(algo) else None
                     # With momentum delta, a constant gradient moves the weights by
                     # lr / (1 - delta) per step in the long run. Scaling lr by (1 - delta) gives
                     # every algorithm the same effective step, so the comparison is about the
-                    # algorithms, not the step size.
-                    lr = base_lr * (1.0 - options.momentum) if momentum is not None else base_lr
+                    # algorithms, not the step size. (None: the algorithm's default, which is
+                    # set the same way.)
+                    lr = (base_lr * (1.0 - options.momentum) if momentum is not None else base_lr
+                          ) if base_lr is not None else None
                     # Algorithms without a communication period keep train's default tau: for
                     # them it only sets how often the model is published for evaluation.
                     config = TrainConfig(
@@ -255,8 +263,10 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
                         eval_every=options.eval_every, eval_budget=options.eval_budget,
                         eval_deferred=not options.live_eval,
                         # A timed run is measured, not kept: no periodic checkpoints in it.
-                        checkpoint_every=None, quiet=True)
-                    specs.append(RunSpec(index=len(specs) + 1, algo=algo, tau=tau, lr=base_lr,
+                        checkpoint_every=None, quiet=True,
+                        options=options_for(algo, options.options))
+                    step = base_lr if base_lr is not None else cfg.ALGORITHMS[algo].default_step
+                    specs.append(RunSpec(index=len(specs) + 1, algo=algo, tau=tau, lr=step,
                                          repeat=repeat, config=config))
     return specs
 
@@ -279,11 +289,22 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
     check_taus(options.taus)
     # Checked here and not left to TrainConfig: the momentum algorithms see lr * (1 - momentum),
     # and an error about that product would not name the value the user typed.
-    check_lrs(options.lrs)
+    if options.lrs is not None:
+        check_lrs(options.lrs)
     if not 0 <= options.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1) (got {options.momentum})")
     if options.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1 (got {options.repeats})")
+    from .algorithms import all_options
+
+    declared = all_options()
+    for name, value in options.options.items():
+        if value is None:
+            continue
+        option, users = declared[name]
+        if not any(a in users for a in options.algos):
+            raise ConfigError(f"{option.flag} applies to {', '.join(users)}, none of which this "
+                              "bench runs")
     if options.model not in MODELS:
         raise ConfigError(f"unknown --model {options.model!r}; choose one of {', '.join(MODELS)}")
 
@@ -293,7 +314,7 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
         checked = dataclasses.replace(spec.config).validate()
         spec.workers = int(checked.workers or 1)
         spec.devices = list(checked.devices or [])
-        grid = spec.lr if len(options.lrs) > 1 else None
+        grid = spec.lr if options.lrs and len(options.lrs) > 1 else None
         spec.name = run_name(spec.index, spec.algo, spec.workers, spec.tau, grid,
                              spec.repeat if options.repeats > 1 else None)
     # Every run gets the per-worker resources of the largest one, so that the one-worker
@@ -469,11 +490,13 @@ def settings_line(bench: dict[str, Any]) -> str:
     parts = ["easgd-local bench", f"--algos {','.join(bench['algos'])}"]
     if bench.get("workers") is not None:
         parts.append(f"--workers {bench['workers']}")
-    lrs = bench.get("lrs") or [bench.get("lr")]
+    lrs = bench.get("lrs") or ([bench["lr"]] if bench.get("lr") is not None else [])
     parts += [f"--taus {','.join(str(t) for t in bench['taus'])}",
               f"--time-limit {bench['time_limit']:g}",
-              f"--target-accuracy {bench['target_accuracy']:g}",
-              f"--lrs {','.join(f'{lr:g}' for lr in lrs)}", f"--momentum {bench['momentum']:g}",
+              f"--target-accuracy {bench['target_accuracy']:g}"]
+    if lrs:
+        parts.append(f"--lrs {','.join(f'{lr:g}' for lr in lrs)}")
+    parts += [f"--momentum {bench['momentum']:g}",
               f"--batch-size {bench['batch_size']}", f"--seed {bench['seed']}",
               f"--repeats {bench.get('repeats', 1)}",
               f"--dataset {bench['dataset']}"]
@@ -482,6 +505,9 @@ def settings_line(bench: dict[str, Any]) -> str:
     parts += [f"--model {bench['model']}"]
     if bench.get("devices"):
         parts.append(f"--devices {','.join(bench['devices'])}")
+    for name, value in (bench.get("options") or {}).items():
+        parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float)
+                     else f"--{name.replace('_', '-')} {value}")
     if bench.get("eval_every") is not None:
         parts.append(f"--eval-every {bench['eval_every']:g}")
     if bench.get("live_eval"):
@@ -579,13 +605,15 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
         "dataset": options.dataset, "model": options.model, "batch_size": options.batch_size,
         "algos": list(options.algos), "taus": list(options.taus),
         "workers": multi[0].workers if multi else options.workers,
-        "lr": options.lrs[0], "lrs": list(options.lrs), "momentum": options.momentum,
+        "lr": options.lrs[0] if options.lrs else None,
+        "lrs": list(options.lrs) if options.lrs else None, "momentum": options.momentum,
         "seed": options.seed, "repeats": options.repeats,
         "eval_every": options.eval_every, "eval_budget": options.eval_budget,
         "live_eval": options.live_eval, "devices": devices,
         "data_dir": str(options.data_dir), "cpu_count": os.cpu_count(),
         "threads_per_worker": specs[0].config.threads, "load_average": _load_average(),
         "one_thread_samples_per_second": None,
+        "options": {k: v for k, v in options.options.items() if v is not None},
         "time_to_target_method": TIME_TO_TARGET_METHOD,
         "runs": [],
     }
@@ -748,7 +776,7 @@ def run_bench(options: BenchOptions,
     log.info("bench of %d run(s) in %s", len(specs), out)
     for spec in specs:
         label = run_label(spec.algo, spec.workers, spec.tau,
-                          spec.lr if len(options.lrs) > 1 else None)
+                          spec.lr if options.lrs and len(options.lrs) > 1 else None)
         if options.repeats > 1:
             label += f" (repeat {spec.repeat + 1}/{options.repeats})"
         if on_start:

@@ -1,129 +1,118 @@
-"""The center variable: one flat float32 tensor in shared memory, and a worker's link to it.
+"""A worker's link to shared tensors, and the center of EASGD and DOWNPOUR on top of it.
 
-The main process allocates the center before any worker starts (``share_memory_`` with
-PyTorch's default ``file_descriptor`` strategy: the segment is unlinked as soon as it is
-mapped, so it cannot outlive the processes that hold it). Workers receive it through spawn
-arguments and map the same pages.
+:class:`Link` moves one shared entry (see shared.py) between the CPU's shared pages and a
+worker's device. Workers on CUDA page-lock the shared pages in place with
+``cudaHostRegister``: ``Tensor.pin_memory()`` would not do, it returns a pinned *copy*, which
+other processes do not see. With the pages registered, copies between an entry and a GPU are
+DMA transfers that run asynchronously on the worker's stream.
 
-Workers on CUDA page-lock the shared pages in place with ``cudaHostRegister``.
-``Tensor.pin_memory()`` would not do: it returns a pinned *copy*, which other processes do
-not see. With the pages registered, copies between the center and a GPU are DMA transfers
-that run asynchronously on the worker's stream.
+:class:`SharedCenter` is a center variable with the master-side state that is written with it
+(DOWNPOUR's momentum and running average), as entries of a SharedState under one lock.
+:class:`CenterLink` is a worker's side of the elastic exchange and of DOWNPOUR's push and pull.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import rules
+from .shared import ProcessLock, SharedState, SharedTensor, crash_halfway
+
+__all__ = ["CenterLink", "Diverged", "Link", "ProcessLock", "SharedCenter", "page_lock"]
 
 log = logging.getLogger(__name__)
 
 
 class Diverged(ArithmeticError):
-    """A worker's contribution to the center is not finite; nothing of it was applied."""
-
-
-class ProcessLock:
-    """A lock between processes that a dead holder cannot keep: a POSIX record lock (fcntl).
-
-    A multiprocessing.Lock is a semaphore: a worker killed while holding it leaves it held for
-    good. A record lock belongs to the process, and the kernel drops it when the process dies,
-    however it dies. The locked file is anonymous (created, then unlinked at once), so nothing
-    is left on disk; each process gets its own descriptor to it through spawn (record locks of
-    one process do not exclude each other, so one process must not lock it from two threads).
-    """
-
-    def __init__(self) -> None:
-        fd, path = tempfile.mkstemp(prefix="easgd-lock-")
-        os.unlink(path)
-        self.fd = fd
-
-    def __enter__(self) -> "ProcessLock":
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN)
-
-    def __reduce__(self) -> tuple:
-        from multiprocessing import reduction
-
-        # Only meaningful while spawning a child: the descriptor travels with the process.
-        return (_rebuild_lock, (reduction.DupFd(self.fd),))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def _rebuild_lock(dup: Any) -> ProcessLock:
-    lock = ProcessLock.__new__(ProcessLock)
-    lock.fd = dup.detach()
-    return lock
+    """A worker's contribution to shared state is not finite; nothing of it was applied."""
 
 
 class SharedCenter:
     """The center tensor plus the lock that makes its update atomic. Picklable for spawn.
 
-    Master-side state of the DOWNPOUR variants lives beside it, in shared memory too, and is
-    updated under the same lock: ``velocity`` (MDOWNPOUR's Nesterov momentum on the master, over
-    the parameters only) and ``average`` with ``clock`` (ADOWNPOUR / MVADOWNPOUR report a running
-    average of the center). ``n_params``: the first entries are parameters, the rest float
-    buffers (batch-norm statistics), which a push replaces instead of adding to.
+    Its entries, in a SharedState (its own, or the algorithm's, under ``name``): the center
+    ``name``; for MDOWNPOUR ``name.velocity`` (Nesterov momentum on the master, over the
+    parameters only); for ADOWNPOUR / MVADOWNPOUR ``name.average`` (a running average of the
+    center); and ``name.clock`` (updates so far), all written together under the center's lock.
+    ``n_params``: the first entries of the center are parameters, the rest float buffers
+    (batch-norm statistics), which a push replaces instead of adding to.
     """
 
-    def __init__(self, init: Tensor, lock: bool = True, *, momentum: float = 0.0,
-                 average: bool = False, n_params: int | None = None):
-        self.data = init.detach().to("cpu", torch.float32).clone().share_memory_()
-        self.n_params = self.data.numel() if n_params is None else n_params
-        self.lock = ProcessLock() if lock else None
-        self.momentum = momentum
-        self.velocity = torch.zeros(self.n_params).share_memory_() if momentum else None
-        self.average = self.data.clone().share_memory_() if average else None
-        self.clock = torch.zeros(1, dtype=torch.int64).share_memory_()  # center updates so far
-        self.crash_in_lock = False  # fault injection (tests): die halfway through an update
+    def __init__(self, init: Tensor | None = None, lock: bool = True, *, momentum: float = 0.0,
+                 average: bool = False, n_params: int | None = None,
+                 state: SharedState | None = None, name: str = "center"):
+        self.state = state if state is not None else SharedState(locked=lock)
+        self.name, self.momentum = name, momentum
+        if init is not None:  # allocate; otherwise a view of entries that exist
+            entry = self.state.add(name, init)
+            n = entry.numel if n_params is None else n_params
+            if momentum:
+                self.state.add(f"{name}.velocity", torch.zeros(n), lock=name)
+            if average:
+                self.state.add(f"{name}.average", entry.data, lock=name)
+            self.state.add(f"{name}.clock", torch.zeros(1), lock=name, dtype=torch.int64)
+        self.entry = self.state[name]
+        if n_params is None:  # a view: the master momentum, where there is one, knows it
+            velocity = self.velocity
+            n_params = self.entry.numel if velocity is None else velocity.numel()
+        self.n_params = n_params
+
+    def _optional(self, suffix: str) -> Tensor | None:
+        key = f"{self.name}.{suffix}"
+        return self.state[key].data if key in self.state else None
+
+    @property
+    def data(self) -> Tensor:
+        return self.entry.data
+
+    @property
+    def velocity(self) -> Tensor | None:
+        return self._optional("velocity")
+
+    @property
+    def average(self) -> Tensor | None:
+        return self._optional("average")
+
+    @property
+    def clock(self) -> Tensor:
+        return self.state[f"{self.name}.clock"].data
+
+    @property
+    def lock(self) -> ProcessLock | None:
+        return self.entry.lock
+
+    @property
+    def crash_in_lock(self) -> bool:
+        return self.entry.crash_in_lock
+
+    @crash_in_lock.setter
+    def crash_in_lock(self, value: bool) -> None:
+        self.entry.crash_in_lock = value
 
     @property
     def numel(self) -> int:
-        return self.data.numel()
+        return self.entry.numel
 
     def close(self) -> None:
         """Release the lock's descriptor (the tensors go with the last process that maps them)."""
-        if self.lock is not None:
-            self.lock.close()
+        self.state.close()
 
     def guard(self) -> contextlib.AbstractContextManager:
-        return self.lock if self.lock is not None else contextlib.nullcontext()
+        return self.entry.guard()
 
-    def add_(self, d: Tensor) -> None:
-        """center += d, atomically with respect to other workers' additions when locked."""
-        with self.guard():
-            if self.crash_in_lock:
-                self._crash_halfway(d)
-            self.data.add_(d)
-
-    def _crash_halfway(self, d: Tensor) -> None:
-        half = d.numel() // 2
-        self.data[:half].add_(d[:half])
-        os.kill(os.getpid(), 9)  # SIGKILL: no handler, no cleanup, the lock still held
+    def add_(self, d: Tensor, under_lock: Any = None) -> Any:
+        """center += d, atomically with respect to other workers' additions when locked;
+        ``under_lock`` runs in the same critical section (its result is returned)."""
+        return self.entry.add_(d, under_lock)
 
     def snapshot(self) -> Tensor:
         """A consistent copy of the center (taken under the lock, so no half-applied update)."""
-        with self.guard():
-            return self.data.clone()
+        return self.entry.snapshot()
 
     def reported(self) -> Tensor:
         """A copy of the model the algorithm reports: the running average where there is one;
@@ -131,11 +120,10 @@ class SharedCenter:
         with self.guard():
             if self.average is not None:
                 return self.average.clone()
+            x = self.data.clone()
             if self.velocity is not None:
-                x = self.data.clone()
                 x[: self.n_params].sub_(self.velocity, alpha=self.momentum)
-                return x
-            return self.data.clone()
+            return x
 
     def push_(self, u: Tensor, average_rate: float | None = None) -> None:
         """The master's side of a DOWNPOUR push, atomically: ``u`` holds the accumulated update
@@ -144,25 +132,25 @@ class SharedCenter:
         Parameters: center += u. With momentum (MDOWNPOUR): Nesterov momentum on the master, in
         look-ahead form like the workers' (rules.local_step_): v = delta*v + u; center += u +
         delta*v, so workers pull the look-ahead point and take their gradients there.
-        Buffers (running statistics) are not gradients' sums: added as deltas from p workers
+        Buffers (running statistics) are not sums of gradients: added as deltas from p workers
         (and through momentum) they can grow without bound or turn a variance negative. The
         center takes the pushing worker's, a value some worker actually computed.
         average: z = (1 - a) z + a * center after the update, with a = average_rate, or
         a = 1/(t+1) at the t-th update when average_rate is None (z = mean of all centers).
         """
-        n = self.n_params
+        n, data, velocity, average = self.n_params, self.data, self.velocity, self.average
         with self.guard():
             if self.crash_in_lock:
-                self._crash_halfway(u)
-            self.data[:n].add_(u[:n])
-            self.data[n:].copy_(u[n:])
-            if self.velocity is not None:
-                self.velocity.mul_(self.momentum).add_(u[:n])
-                self.data[:n].add_(self.velocity, alpha=self.momentum)
-            self.clock += 1
-            if self.average is not None:
+                crash_halfway(data, u)
+            data[:n].add_(u[:n])
+            data[n:].copy_(u[n:])
+            if velocity is not None:
+                velocity.mul_(self.momentum).add_(u[:n])
+                data[:n].add_(velocity, alpha=self.momentum)
+            self.clock.add_(1)
+            if average is not None:
                 a = average_rate if average_rate is not None else 1.0 / (int(self.clock) + 1)
-                self.average.lerp_(self.data, a)
+                average.lerp_(data, a)
 
 
 def page_lock(t: Tensor) -> bool:
@@ -199,49 +187,47 @@ def _clear_cuda_error() -> bool:
         return False
 
 
-class CenterLink:
-    """A worker's side of the elastic exchange, with its staging buffers on the worker's device.
+class Link:
+    """A worker's view of one shared entry from its device, with staging buffers there.
 
-    The read of the center is not locked: each float is read whole, and a read that overlaps
-    another worker's addition sees some entries before it and some after, which is the usual
-    asynchronous setting of the algorithm. The addition is what the lock protects: ``+=`` is a
-    read-modify-write, and two unguarded ones on the same entries can lose one of them.
+    Reads are not locked: each float is read whole, and a read that overlaps another worker's
+    write sees some entries before it and some after, the usual asynchronous setting. Writes
+    (additions, copies) take the entry's lock: ``+=`` is a read-modify-write, and two unguarded
+    ones on the same entries can lose one of them.
     """
 
-    def __init__(self, center: SharedCenter, device: torch.device):
-        self.center = center
+    def __init__(self, entry: SharedTensor, device: torch.device | str):
+        self.entry = entry
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.exchanges = 0
         self.bytes = 0
-        n = center.numel
+        n = entry.numel
         self._registered = False
-        self.d = torch.empty(n, device=self.device)  # the difference (or update) to send
+        self.d = torch.empty(n, device=self.device)  # what this worker sends (on its device)
         if self.cuda:
-            self._register()
-            self.c_dev = torch.empty(n, device=self.device)  # the center, read onto the GPU
+            self._registered = page_lock(entry.data)
+            self.c_dev = torch.empty(n, device=self.device)  # the entry, read onto the GPU
             self.d_host = torch.empty(n, pin_memory=True)  # staging for the way back
             self.done = torch.cuda.Event()
-
-    def _register(self) -> None:
-        self._registered = page_lock(self.center.data)
 
     def close(self) -> None:
         if self._registered:
             torch.cuda.synchronize(self.device)
-            torch.cuda.cudart().cudaHostUnregister(self.center.data.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self.entry.data.data_ptr())
             self._registered = False
 
-    def _center_here(self) -> Tensor:
-        """The center where y lives: itself on the CPU; on a GPU, a copy made by host-to-device
-        DMA from the registered shared pages, ordered on this stream before what reads it."""
+    def read(self) -> Tensor:
+        """The entry where the worker computes: itself on the CPU; on a GPU, a copy made by
+        host-to-device DMA from the registered shared pages, ordered on this stream before what
+        reads it."""
         if not self.cuda:
-            return self.center.data
-        return self.c_dev.copy_(self.center.data, non_blocking=True)
+            return self.entry.data
+        return self.c_dev.copy_(self.entry.data, non_blocking=True)
 
-    def _on_host(self, d: Tensor) -> Tensor:
-        """``d`` where the CPU can add it to the center: on a GPU, copied to pinned staging and
-        waited for, so that the exchange is complete when it returns."""
+    def to_host(self, d: Tensor) -> Tensor:
+        """``d`` where the CPU can apply it to the entry: on a GPU, copied to pinned staging and
+        waited for, so that the write is complete when the caller returns."""
         if not self.cuda:
             return d
         self.d_host.copy_(d, non_blocking=True)
@@ -249,28 +235,66 @@ class CenterLink:
         self.done.synchronize()
         return self.d_host
 
-    def _count(self) -> None:
+    def read_whole(self) -> Tensor:
+        """A copy of the entry on the worker's device, taken under its lock: never part of one
+        write and part of another. (On a GPU the copy is waited for before the lock is let go.)
+        The returned tensor is reused by the next read."""
+        with self.entry.guard():
+            if not self.cuda:
+                return self.entry.data.clone()
+            self.c_dev.copy_(self.entry.data, non_blocking=True)
+            self.done.record()
+            self.done.synchronize()
+            return self.c_dev
+
+    def count(self, entries_each_way: int | None = None) -> None:
+        """One exchange: the entry read, and as much written back."""
         self.exchanges += 1
-        self.bytes += 2 * self.center.numel * 4  # the center (or update) each way
+        self.bytes += 2 * (self.entry.numel if entries_each_way is None else entries_each_way) * 4
+
+    @torch.no_grad()
+    def pull(self, y: Tensor) -> None:
+        """y = the entry (a consistent copy)."""
+        y.copy_(self.entry.snapshot())
+
+    @torch.no_grad()
+    def publish(self, y: Tensor) -> None:
+        """entry = y, whole (readers under the lock never see half of it)."""
+        if not bool(torch.isfinite(y).all()):
+            raise Diverged("non-finite parameters")
+        self.entry.copy_(self.to_host(y))
+
+
+class CenterLink(Link):
+    """A worker's side of the elastic exchange and of DOWNPOUR's push and pull."""
+
+    def __init__(self, center: SharedCenter, device: torch.device | str):
+        super().__init__(center.entry, device)
+        self.center = center
+
+    def _center_here(self) -> Tensor:
+        return self.read()
 
     @torch.no_grad()
     def exchange(self, y: Tensor, alpha: float, v: Tensor | None = None, momentum: float = 0.0,
-                 barrier: Any = None) -> None:
+                 barrier: Any = None, under_lock: Any = None) -> Any:
         """Elastic exchange: d = alpha (x - center); y -= d; center += d.
 
         With ``barrier`` (synchronous EASGD) every worker has read the center before any
-        worker adds to it: all differences are taken from the same center.
+        worker adds to it: all differences are taken from the same center. ``under_lock`` runs
+        while the center's lock is held for the addition; its result is returned.
         """
-        d = rules.elastic_difference(y, self._center_here(), alpha, v=v, momentum=momentum, out=self.d)
-        host = self._on_host(d)
+        d = rules.elastic_difference(y, self.read(), alpha, v=v, momentum=momentum, out=self.d)
+        host = self.to_host(d)
         finite = bool(torch.isfinite(host).all())
         if barrier is not None:
             barrier.wait()  # passed even when not finite: the others are waiting
         if not finite:
             raise Diverged("non-finite elastic difference")
         y.sub_(d)
-        self.center.add_(host)
-        self._count()
+        result = self.center.add_(host, under_lock)
+        self.count()
+        return result
 
     @torch.no_grad()
     def push_pull(self, y: Tensor, y_pulled: Tensor, average_rate: float | None = None) -> None:
@@ -280,23 +304,10 @@ class CenterLink:
         n = self.center.n_params
         torch.sub(y[:n], y_pulled[:n], out=self.d[:n])
         self.d[n:].copy_(y[n:])
-        host = self._on_host(self.d)
+        host = self.to_host(self.d)
         if not bool(torch.isfinite(host).all()):
             raise Diverged("non-finite update")
         self.center.push_(host, average_rate)
         y.copy_(self.center.data, non_blocking=True)
         y_pulled.copy_(y)
-        self._count()
-
-    @torch.no_grad()
-    def pull(self, y: Tensor) -> None:
-        """y = center (a worker's start)."""
-        y.copy_(self.center.snapshot())
-
-    @torch.no_grad()
-    def publish(self, y: Tensor) -> None:
-        """center = y, for single-worker runs without a center: the evaluator reads it there."""
-        if not bool(torch.isfinite(y).all()):
-            raise Diverged("non-finite parameters")
-        with self.center.guard():
-            self.center.data.copy_(y)
+        self.count()

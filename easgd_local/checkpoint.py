@@ -29,9 +29,9 @@ def unpack_state(data: bytes) -> dict:
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: master momentum over the parameters only; states read weights-only
-KEYS = ("version", "center", "velocity", "average", "clock", "steps", "counters", "losses",
-        "workers", "elapsed", "restarts")
+# 3: the algorithm's shared state under "algorithm" (2: master momentum over the parameters only)
+VERSION = 3
+KEYS = ("version", "algorithm", "steps", "counters", "losses", "workers", "elapsed", "restarts")
 
 
 class CheckpointError(ValueError):

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_type_hints
 
 import typer
 
-from .config import ALGORITHMS, ALGOS, ConfigError, TrainConfig
-from . import bench as _bench  # light: torch is imported only when a bench runs
+from . import bench as _bench
+from .algorithms import ALGORITHMS, all_options
+from .config import ConfigError, TrainConfig
+
+ALGOS = tuple(ALGORITHMS)
 
 # typer re-exports BadParameter but not its base, the usage error that every flag-parsing
 # failure raises (from click, or from the copy of click that newer typer releases carry).
@@ -22,7 +28,46 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Elastic Averaging SGD on one machine: several GPUs or CPU processes.")
 
 Algo = enum.Enum("Algo", {a: a for a in ALGOS}, type=str)
-ALGO_HELP = "; ".join(f"{spec.name}: {spec.summary}" for spec in ALGORITHMS.values()) + "."
+ALGO_HELP = "; ".join(f"{a.name}: {a.summary}" for a in ALGORITHMS.values()) + "."
+ALGO_OPTIONS_PANEL = "Algorithm options"
+LR_DEFAULTS = ", ".join(
+    f"{a.name} {a.default_step:g}" + (" * (1 - momentum)" if a.uses_momentum else "")
+    for a in ALGORITHMS.values())
+
+
+def with_algorithm_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a Typer command one flag per option that an algorithm of the registry declares
+    (algorithms/base.py: Option), so that an algorithm's options are defined in its own module.
+    ``command`` receives their values as ``algorithm_options`` (name -> value, None if not given).
+    """
+    declared = all_options()
+    hints = get_type_hints(command, include_extras=True)
+    params = [p.replace(annotation=hints[p.name])
+              for p in inspect.signature(command).parameters.values() if p.name != "algorithm_options"]
+    annotations = {p.name: p.annotation for p in params}
+    for name, (option, users) in declared.items():
+        kind: Any = option.type
+        if option.choices:
+            kind = enum.Enum(name, {c: c for c in option.choices}, type=str)
+        help_text = f"{option.help} [{', '.join(users)}]"
+        annotation = Annotated[Optional[kind], typer.Option(option.flag, help=help_text,
+                                                            rich_help_panel=ALGO_OPTIONS_PANEL)]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=annotation))
+        annotations[name] = annotation
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        given = {}
+        for name in declared:
+            value = kwargs.pop(name)
+            given[name] = value.value if isinstance(value, enum.Enum) else value
+        return command(**kwargs, algorithm_options=given)
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = annotations
+    del wrapper.__wrapped__  # Typer must read the signature above, not the original's
+    return wrapper
 # Choices are listed here rather than imported from data/models so that `--help` and flag
 # parsing stay fast; tests check the lists agree.
 DATASET_CHOICES = ("mnist10k", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
@@ -39,9 +84,10 @@ def _root() -> None:
 
 
 @app.command()
+@with_algorithm_options
 def train(
-    algo: Annotated[Algo, typer.Option(help=ALGO_HELP, rich_help_panel=ALGO_PANEL)] = Algo.easgd,
-    lr: Annotated[float, typer.Option(help="Learning rate eta.", rich_help_panel=ALGO_PANEL)] = TrainConfig.lr,
+    algo: Annotated[Algo, typer.Option(help=ALGO_HELP, rich_help_panel=ALGO_PANEL)] = Algo.eamsgd,
+    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate eta. (default: the algorithm's own, from the tuning sweep: {LR_DEFAULTS})", rich_help_panel=ALGO_PANEL)] = None,
     tau: Annotated[int, typer.Option(help="Communication period: an elastic exchange every tau local steps.", rich_help_panel=ALGO_PANEL)] = TrainConfig.tau,
     beta: Annotated[Optional[float], typer.Option(help="Moving rate as beta = workers * alpha, in (0, 1]. (default: 0.9)", rich_help_panel=ALGO_PANEL)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Moving rate alpha given directly (instead of --beta).", rich_help_panel=ALGO_PANEL)] = None,
@@ -70,6 +116,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint, with its saved configuration; stop options given here replace the saved ones.", rich_help_panel=OUTPUT_PANEL)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory. (default: runs/<timestamp>-<algo>-p<workers>)", rich_help_panel=OUTPUT_PANEL)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.", rich_help_panel=OUTPUT_PANEL)] = False,
+    algorithm_options: Optional[dict] = None,
 ) -> None:
     """Train a model with EASGD (or a reference) and evaluate the center against wall-clock time."""
     from .launcher import train as run_training
@@ -82,7 +129,8 @@ def train(
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
         threads=threads, eval_every=eval_every, eval_budget=eval_budget, eval_samples=eval_samples,
         eval_deferred=eval_deferred, out=out, quiet=quiet, max_restarts=max_restarts,
-        checkpoint_every=checkpoint_every)
+        checkpoint_every=checkpoint_every,
+        options={k: v for k, v in (algorithm_options or {}).items() if v is not None})
     checkpoint = None
     if resume is not None:
         config, checkpoint = _resumed(resume, config)
@@ -96,6 +144,7 @@ BENCH_PANEL = "Bench"
 
 
 @app.command()
+@with_algorithm_options
 def bench(
     algos: Annotated[str, typer.Option(help="Comma-separated algorithms (any --algo of train), run one after another on the same data, model, initial weights and per-worker batch.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_ALGOS,
     taus: Annotated[str, typer.Option(help="Comma-separated communication periods; every algorithm that has a tau (not sgd, msgd, ddp) runs once per value.", rich_help_panel=BENCH_PANEL)] = str(TrainConfig.tau),
@@ -104,7 +153,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Runs of every configuration, repeat r with seed + r; interleaved (repeat 1 of every run, then repeat 2, ...). Figures are the median [min, max].", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_REPEATS,
     eval_every: Annotated[Optional[float], typer.Option(help="Seconds between snapshots of the center. (default: spaced by --eval-budget; the time to target is interpolated between snapshots)", rich_help_panel=BENCH_PANEL)] = None,
     eval_budget: Annotated[float, typer.Option(help="Evaluation's compute relative to a run's (its snapshots are evaluated after it trains, on the whole test set); sets the spacing of the snapshots.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_EVAL_BUDGET,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate eta of every run; the momentum algorithms get lr * (1 - momentum) (see --momentum). (default: 0.1)", rich_help_panel=ALGO_PANEL)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate eta of every run; the momentum algorithms get lr * (1 - momentum) (see --momentum). (default: each algorithm's own, as train)", rich_help_panel=ALGO_PANEL)] = None,
     lrs: Annotated[Optional[str], typer.Option(help="A grid of learning rates, e.g. 0.05,0.1,0.2: every algorithm (sgd included) runs at each, and the table shows each at its best.", rich_help_panel=ALGO_PANEL)] = None,
     momentum: Annotated[float, typer.Option(help="Nesterov momentum delta of the momentum algorithms (eamsgd, msgd, mdownpour). They run with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals the others' --lr.", rich_help_panel=ALGO_PANEL)] = _bench.DEFAULT_MOMENTUM,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
@@ -117,6 +166,7 @@ def bench(
     out: Annotated[Optional[Path], typer.Option(help="Bench directory: bench.json, bench.md, bench.png and runs/. Default: runs/bench-<timestamp>.", rich_help_panel=OUTPUT_PANEL)] = None,
     live_eval: Annotated[bool, typer.Option("--live-eval", help="Evaluate the center while each run trains, so that reaching --target-accuracy ends it early; by default runs only snapshot the center and evaluate afterwards, leaving every core to the workers being measured.", rich_help_panel=BENCH_PANEL)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line per run (the table is still printed).", rich_help_panel=OUTPUT_PANEL)] = False,
+    algorithm_options: Optional[dict] = None,
 ) -> None:
     """Compare algorithms: each trains for --time-limit (or to --target-accuracy); writes a table and a plot."""
     if lr is not None and lrs is not None:
@@ -124,11 +174,12 @@ def bench(
     options = _bench.BenchOptions(
         algos=_bench.parse_algos(algos), workers=workers, taus=_bench.parse_taus(taus),
         time_limit=time_limit, target_accuracy=target_accuracy,
-        lrs=_bench.parse_lrs(lrs) if lrs is not None else [TrainConfig.lr if lr is None else lr],
+        lrs=_bench.parse_lrs(lrs) if lrs is not None else (None if lr is None else [lr]),
         momentum=momentum, batch_size=batch_size, seed=seed, repeats=repeats,
         dataset=dataset.value, data_dir=data_dir, model=model.value,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        eval_every=eval_every, eval_budget=eval_budget, live_eval=live_eval, out=out)
+        eval_every=eval_every, eval_budget=eval_budget, live_eval=live_eval, out=out,
+        options={k: v for k, v in (algorithm_options or {}).items() if v is not None})
     # '[i/n] label: ' as a run starts, the result on the same line when it ends.
     result = _bench.run_bench(
         options,
@@ -138,6 +189,35 @@ def bench(
     if not quiet:
         typer.echo(f"bench written to {options.out}", err=True)
     typer.echo(_bench.markdown_table(result), nl=False)
+
+
+@app.command()
+def stability(
+    out: Annotated[Path, typer.Option(help="Directory for stability.json and stability.png.")] = Path("runs/stability"),
+    workers: Annotated[str, typer.Option("--p", help="Comma-separated numbers of workers p.")] = "3,8",
+    steps: Annotated[int, typer.Option(help="Steps of the simulated example (eta = 0.001, rho = 2.5, x = c = 1000).", min=1)] = 60_000,
+) -> None:
+    """The paper's section 4: round-robin EASGD and ADMM on F(x) = x^2/2, spectral radius of one
+    cycle on a grid, and the paper's unstable ADMM example beside EASGD."""
+    from .stability import run
+
+    try:
+        ps = [int(p) for p in workers.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--p must be comma-separated integers (got {workers!r})") from None
+    if not ps or min(ps) < 1:
+        raise ConfigError(f"--p values must be >= 1 (got {workers!r})")
+    result, notes = run(out, ps, steps)
+    for note in notes:
+        typer.echo(note, err=True)
+    for p in ps:
+        e, a, ex = result["easgd"][str(p)], result["admm"][str(p)], result["example"][str(p)]
+        typer.echo(f"p = {p}: EASGD's spectral radius <= 1 where the closed form says on "
+                   f"{100 * e['agrees_with_closed_form']:.1f}% of the grid; ADMM unstable on "
+                   f"{100 * a['unstable_share']:.1f}% of its grid; at the paper's example ADMM's "
+                   f"radius is {ex['admm_spectral_radius']:.6f} (EASGD, alpha = "
+                   f"{ex['easgd_alpha']:g}: {ex['easgd_spectral_radius']:.6f})")
+    typer.echo(f"written to {out}", err=True)
 
 
 STOP_FIELDS = ("steps", "epochs", "time_limit", "target_accuracy")

@@ -12,45 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-@dataclass(frozen=True)
-class AlgoSpec:
-    name: str
-    summary: str
-    single_worker: bool = False  # one worker, no center (the references)
-    local_momentum: bool = False  # Nesterov momentum in the workers' local steps
-    master_momentum: bool = False  # Nesterov momentum on the master (MDOWNPOUR)
-    average_rate: float | None = None  # running average of the center (ADOWNPOUR: 1/(t+1))
-    averaged: bool = False  # the reported model is the running average
-    elastic: bool = False  # uses alpha / beta
-    synchronous: bool = False  # workers move in lock-step (a barrier)
-    ddp: bool = False
-
-    @property
-    def momentum(self) -> bool:
-        return self.local_momentum or self.master_momentum
-
-
-ALGORITHMS: dict[str, AlgoSpec] = {a.name: a for a in (
-    AlgoSpec("easgd", "asynchronous EASGD (Algorithm 1)", elastic=True),
-    AlgoSpec("eamsgd", "asynchronous EASGD with Nesterov momentum (Algorithm 2)", elastic=True,
-             local_momentum=True),
-    AlgoSpec("sync-easgd", "synchronous EASGD: all workers and the center move together",
-             elastic=True, synchronous=True),
-    AlgoSpec("downpour", "DOWNPOUR: push tau steps of updates, pull the center"),
-    AlgoSpec("mdownpour", "DOWNPOUR with Nesterov momentum on the master", master_momentum=True),
-    AlgoSpec("adownpour", "DOWNPOUR reporting the average of all centers", averaged=True),
-    AlgoSpec("mvadownpour", "DOWNPOUR reporting a moving average of the center (rate 0.001)",
-             averaged=True, average_rate=0.001),
-    AlgoSpec("ddp", "DistributedDataParallel: gradients all-reduced every step", synchronous=True,
-             ddp=True),
-    AlgoSpec("sgd", "SGD on one worker, no center", single_worker=True),
-    AlgoSpec("msgd", "SGD with Nesterov momentum on one worker, no center", single_worker=True,
-             local_momentum=True),
-)}
-
-
-ALGOS = tuple(ALGORITHMS)
 DEFAULT_MOMENTUM = 0.9  # used by the momentum algorithms when --momentum is not given
+
+
+def __getattr__(name: str) -> Any:
+    # The registry imports torch and every algorithm module: looked up only when asked for, so
+    # that importing the configuration stays light.
+    if name == "ALGORITHMS":
+        from .algorithms import ALGORITHMS
+
+        return ALGORITHMS
+    if name == "ALGOS":
+        from .algorithms import ALGORITHMS
+
+        return tuple(ALGORITHMS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -60,8 +36,8 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # Algorithm
-    algo: str = "easgd"  # a name of ALGORITHMS
-    lr: float = 0.1  # learning rate eta
+    algo: str = "eamsgd"  # a name of the registry (algorithms/__init__.py); the sweep's winner
+    lr: float | None = None  # learning rate eta; None: the algorithm's (algorithms/*.py)
     tau: int = 10  # communication period: an elastic exchange every tau local steps
     beta: float | None = None  # moving rate parameterised as beta = workers * alpha (paper: 0.9)
     alpha: float | None = None  # moving rate given directly (exclusive with beta)
@@ -94,24 +70,34 @@ class TrainConfig:
     # Output
     out: Path | None = None  # None: runs/<timestamp>-<algo>-p<workers>
     quiet: bool = False
+    # Options of one algorithm (algorithms/*.py declare them): name -> value, None = default
+    options: dict[str, Any] = field(default_factory=dict)
 
     # Filled by validate(): the resolved values the run actually uses.
     resolved_alpha: float = field(default=0.0, init=False)
     resolved_momentum: float = field(default=0.0, init=False)
+    resolved_options: dict[str, Any] = field(default_factory=dict, init=False)
     worker_devices: list[str] = field(default_factory=list, init=False)
 
     DEFAULT_EPOCHS = 8.0
     DEFAULT_BETA = 0.9
 
     @property
-    def spec(self) -> AlgoSpec:
+    def algorithm(self) -> Any:
+        """The registry's object for --algo (see algorithms/base.py)."""
+        from .algorithms import ALGORITHMS
+
         return ALGORITHMS[self.algo]
 
     def validate(self, cuda_count: int | None = None) -> "TrainConfig":
         """Check every value and resolve defaults that depend on others. Returns self."""
-        if self.algo not in ALGOS:
-            raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
-        _positive("--lr", self.lr)
+        from .algorithms import ALGORITHMS, all_options
+
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
+        algorithm = ALGORITHMS[self.algo]
+        if self.lr is not None:
+            _positive("--lr", self.lr)
         if self.tau < 1:
             raise ConfigError(f"--tau must be >= 1 (got {self.tau})")
         if self.batch_size < 1:
@@ -139,24 +125,37 @@ class TrainConfig:
 
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy must be in (0, 1] (got {self.target_accuracy})")
-        momentum_algos = [a.name for a in ALGORITHMS.values() if a.momentum]
+        momentum_algos = [a.name for a in ALGORITHMS.values() if a.uses_momentum]
         if self.momentum is not None:
-            if not self.spec.momentum:
+            if not algorithm.uses_momentum:
                 raise ConfigError(f"--momentum applies to {', '.join(momentum_algos)}, not {self.algo}")
             if not 0 <= self.momentum < 1:
                 raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
         self.resolved_momentum = (
             (DEFAULT_MOMENTUM if self.momentum is None else self.momentum)
-            if self.spec.momentum else 0.0)
+            if algorithm.uses_momentum else 0.0)
+        if self.lr is None:
+            self.lr = algorithm.default_lr(self.resolved_momentum)
+        declared = all_options()
+        for name, value in self.options.items():
+            if value is None:
+                continue
+            if name not in declared:
+                raise ConfigError(f"unknown algorithm option {name!r}")
+            option, users = declared[name]
+            if option not in algorithm.options:
+                raise ConfigError(f"{option.flag} applies to {', '.join(users)}, not {self.algo}")
 
         self._resolve_devices(_cuda_count() if cuda_count is None else cuda_count)
-        self._resolve_alpha()
+        self._resolve_alpha(algorithm)
+        self.resolved_options = {}
+        algorithm.validate(self)
         return self
 
     def _resolve_devices(self, cuda_count: int) -> None:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
-        if self.spec.single_worker:
+        if self.algorithm.single_worker:
             if self.workers not in (None, 1):
                 raise ConfigError(f"--algo {self.algo} runs one worker (got --workers {self.workers})")
             self.workers = 1
@@ -173,20 +172,15 @@ class TrainConfig:
         # Workers are dealt round-robin over the devices; several may share one GPU.
         self.worker_devices = [devices[r % len(devices)] for r in range(self.workers)]
 
-    def _resolve_alpha(self) -> None:
+    def _resolve_alpha(self, algorithm: Any) -> None:
         if self.alpha is not None and self.beta is not None:
             raise ConfigError("give --alpha or --beta, not both")
-        if self.alpha is not None:
-            if not 0 < self.alpha <= 1:
-                raise ConfigError(f"--alpha must be in (0, 1] (got {self.alpha})")
-            self.resolved_alpha = self.alpha
-        else:
-            beta = self.DEFAULT_BETA if self.beta is None else self.beta
-            if not 0 < beta <= 1:
-                raise ConfigError(f"--beta must be in (0, 1] (got {beta})")
-            self.resolved_alpha = beta / self.workers
-        if not self.spec.elastic:
-            self.resolved_alpha = 0.0
+        if self.alpha is not None and not 0 < self.alpha <= 1:
+            raise ConfigError(f"--alpha must be in (0, 1] (got {self.alpha})")
+        if self.beta is not None and not 0 < self.beta <= 1:
+            raise ConfigError(f"--beta must be in (0, 1] (got {self.beta})")
+        self.resolved_alpha = (algorithm.resolve_alpha(self, self.alpha, self.beta)
+                               if algorithm.elastic else 0.0)
 
     def stop_rule(self) -> str:
         """A one-line description of when the run ends."""
@@ -212,6 +206,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["options"] = dict(kwargs.get("options") or {})
         for k in ("data_dir", "out"):
             if kwargs.get(k) is not None:
                 kwargs[k] = Path(kwargs[k])

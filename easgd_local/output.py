@@ -40,9 +40,49 @@ def atomic_write(path: Path, write: Any, binary: bool = False) -> None:
         raise
 
 
+class RunLock:
+    """An exclusive lock on a run directory for the life of a run: an fcntl lock on
+    ``.lock`` in it, which the kernel drops when the process ends, however it ends. The file
+    holds the holder's pid, to name it to a second process."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        self.path = Path(path) / ".lock"
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot write to --out {path}: {e.strerror or e}") from None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = -1
+            raise OutputError(f"--out {path} is in use by another easgd-local process "
+                              f"(pid {holder}); wait for it to end or choose another directory") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = -1
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    def lock(self) -> RunLock:
+        """Hold this directory for one run (OutputError in one line if another process does)."""
+        return RunLock(self.path)
 
     def create(self) -> None:
         """Make the directory, refusing one that already holds a run's results."""

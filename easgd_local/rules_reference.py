@@ -7,6 +7,7 @@ per-tensor pieces, one Python loop per piece, the gradient oracle called at x + 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -70,3 +71,86 @@ def reference_sync_easgd_step(xs: list[Tensor], center: Tensor, grads: list[Tens
     new_xs = [x - lr * g - alpha * (x - center) for x, g in zip(xs, grads)]
     new_center = center + alpha * sum(x - center for x in xs)
     return new_xs, new_center
+
+
+class ReferenceEASGDTree:
+    """EASGD-Tree run round-robin, literally: each worker exchanges with its group's center every
+    tau steps (Algorithm 1's exchange, the gradient taken before it), and every tau_root-th
+    exchange of a group, the group's center exchanges with the root."""
+
+    def __init__(self, x0: list[Tensor], workers: int, group_size: int, *, lr: float,
+                 alpha: float, tau: int, tau_root: int, alpha_root: float):
+        self.root = [t.clone().double() for t in x0]
+        self.groups = [[t.clone().double() for t in x0] for _ in range(workers // group_size)]
+        self.counts = [0] * len(self.groups)
+        self.workers = [ReferenceWorker(x0, len(x0)) for _ in range(workers)]
+        self.group_size, self.lr, self.alpha, self.tau = group_size, lr, alpha, tau
+        self.tau_root, self.alpha_root = tau_root, alpha_root
+
+    def step(self, i: int, grad_fn: GradFn) -> None:
+        w, g = self.workers[i], i // self.group_size
+        point = [x.clone() for x in w.x]
+        if w.t % self.tau == 0:
+            center = self.groups[g]
+            for k in range(len(w.x)):
+                d = self.alpha * (w.x[k] - center[k])
+                w.x[k] = w.x[k] - d
+                center[k] = center[k] + d
+            self.counts[g] += 1
+            if self.counts[g] % self.tau_root == 0:
+                for k in range(len(center)):
+                    d = self.alpha_root * (center[k] - self.root[k])
+                    self.root[k] = self.root[k] + d
+                    center[k] = center[k] - d
+        grad = grad_fn([p.float() for p in point], i, w.t)
+        for k in range(len(w.x)):
+            w.x[k] = w.x[k] - self.lr * grad[k].double()
+        w.t += 1
+
+
+class ReferenceLSGD:
+    """LSGD run round-robin, literally (the paper's eq. 2, every term at the pre-step x): every
+    tau steps a worker publishes x and the mean of its last ``window`` losses, then is pulled
+    toward its group's leader (with more than one group) and, every tau_global steps, toward
+    the global leader; a leader does not pull itself."""
+
+    def __init__(self, x0: list[Tensor], workers: int, group_size: int, *, lr: float, lam: float,
+                 lam_global: float, tau: int, tau_global: int, window: int):
+        self.slots = [[t.clone().double() for t in x0] for _ in range(workers)]
+        self.losses = [math.inf] * workers
+        self.workers = [ReferenceWorker(x0, len(x0)) for _ in range(workers)]
+        self.recent: list[list[float]] = [[] for _ in range(workers)]
+        self.group_size, self.lr, self.lam, self.lam_global = group_size, lr, lam, lam_global
+        self.tau, self.tau_global, self.window = tau, tau_global, window
+
+    def _leader(self, candidates: range) -> int | None:
+        finite = [r for r in candidates if math.isfinite(self.losses[r])]
+        return min(finite, key=lambda r: (self.losses[r], r)) if finite else None
+
+    def step(self, i: int, grad_fn: GradFn, loss_fn: Callable[[list[Tensor], int, int], float]) -> None:
+        w = self.workers[i]
+        point = [x.clone() for x in w.x]
+        loss = loss_fn([p.float() for p in point], i, w.t)
+        grad = grad_fn([p.float() for p in point], i, w.t)
+        if w.t % self.tau == 0:
+            recent = self.recent[i][-self.window:]
+            self.losses[i] = sum(recent) / len(recent) if recent else math.inf
+            self.slots[i] = [x.clone() for x in w.x]
+            pulls = []
+            workers = len(self.workers)
+            if self.group_size < workers:
+                g = i // self.group_size
+                pulls.append((self._leader(range(g * self.group_size, (g + 1) * self.group_size)), self.lam))
+            if w.t % self.tau_global == 0:
+                pulls.append((self._leader(range(workers)), self.lam_global))
+            new = [x.clone() for x in w.x]
+            for leader, lam in pulls:
+                if leader is None or leader == i or lam == 0:
+                    continue
+                for k in range(len(new)):
+                    new[k] = new[k] - lam * (w.x[k] - self.slots[leader][k])
+            w.x = new
+        for k in range(len(w.x)):
+            w.x[k] = w.x[k] - self.lr * grad[k].double()
+        self.recent[i].append(loss)
+        w.t += 1

@@ -244,5 +244,5 @@ def test_averaged_downpour_reports_the_average(tmp_path, algo):
     config, _ = _train(tmp_path, algo, algo=algo, workers=2, tau=1, steps=40, eval_every=100.0)
     saved = Checkpointer(config.out).load()
     reported = _center(config)
-    torch.testing.assert_close(reported, saved["average"], rtol=0, atol=0)
-    assert (reported - saved["center"]).abs().max() > 1e-3
+    torch.testing.assert_close(reported, saved["algorithm"]["center.average"], rtol=0, atol=0)
+    assert (reported - saved["algorithm"]["center"]).abs().max() > 1e-3

@@ -48,7 +48,7 @@ BAD = [
     (["--epochs", "0"], "--epochs"),
     (["--eval-every", "0"], "--eval-every"),
     (["--target-accuracy", "1.5"], "--target-accuracy"),
-    (["--momentum", "0.9"], "--momentum"),  # easgd has no momentum
+    (["--algo", "easgd", "--momentum", "0.9"], "--momentum"),  # easgd has no momentum
     (["--algo", "eamsgd", "--momentum", "1.0"], "--momentum"),
     (["--algo", "sgd", "--workers", "2"], "one worker"),
     (["--devices", "cuda:99"], "cuda:99"),
@@ -113,11 +113,11 @@ def test_shortened_default_run(tmp_path, capsys):
     assert main(["train", "--epochs", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert "center test accuracy" in printed.out
-    assert "easgd: 2 worker(s) on cpu" in printed.err
+    assert "eamsgd: 2 worker(s) on cpu" in printed.err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["algo"] == "easgd" and summary["workers"] == 2 and summary["tau"] == 10
+    assert summary["algo"] == "eamsgd" and summary["workers"] == 2 and summary["tau"] == 10
     assert summary["alpha"] == pytest.approx(0.45)
     assert summary["final_test_accuracy"] > 0.8
     config = json.loads((out / "config.json").read_text())
-    assert config["algo"] == "easgd" and config["epochs"] == 1
+    assert config["algo"] == "eamsgd" and config["epochs"] == 1
     assert_no_leftovers(before)

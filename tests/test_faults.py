@@ -210,7 +210,7 @@ def _invariant_error(payload, c0, drifts, n):
     the center and the workers' states were taken at one instant."""
     from easgd_local.checkpoint import unpack_state
 
-    total = payload["center"][:n].double() - (len(drifts) + 1) * c0[:n].double()
+    total = payload["algorithm"]["center"][:n].double() - (len(drifts) + 1) * c0[:n].double()
     for rank, drift in enumerate(drifts):
         state = unpack_state(payload["workers"][rank])
         total += state["flat"][:n].double() - drift * int(state["step"])
@@ -289,8 +289,8 @@ def test_checkpoint_that_pickles_a_call_is_refused(tmp_path, where):
     else:
         inner = io.BytesIO()
         torch.save({"flat": _RunsCode(marker)}, inner)
-        payload = {"version": VERSION, "center": torch.zeros(3), "velocity": None, "average": None,
-                   "clock": torch.zeros(1), "steps": torch.zeros(2), "counters": torch.zeros(2, 4),
+        payload = {"version": VERSION, "algorithm": {"center": torch.zeros(3)},
+                   "steps": torch.zeros(2), "counters": torch.zeros(2, 4),
                    "losses": torch.zeros(2), "workers": {0: inner.getvalue()}, "elapsed": 1.0,
                    "restarts": 0}
     torch.save(payload, out / "checkpoint" / "state.pt")

@@ -1,0 +1,202 @@
+"""What an algorithm is: one object that owns everything that differs between algorithms.
+
+- **Its shared state** (:meth:`Algorithm.shared_state`): named flat tensors in shared memory,
+  each with its lock (shared.py): a center, group centers, a slot per worker, master momentum.
+- **Its worker side** (:meth:`Algorithm.communicator`): what a worker does around each local
+  step. The worker's loop is the same for every algorithm (worker.py)::
+
+      gradient at y  ->  comm.before_step(step)  ->  local step  ->  comm.after_step(step)
+
+- **The model it reports** (:meth:`Algorithm.reported`), which the main process evaluates
+  and saves.
+- **Its part of a checkpoint** (:meth:`Algorithm.state_dict`, :meth:`load_state_dict`).
+- **Its options and their validation** (:attr:`Algorithm.options`, :meth:`validate`).
+
+The worker loop, the launcher and the bench only ever talk to these; adding an algorithm is a
+module with its class and a line in the registry (algorithms/__init__.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from ..config import TrainConfig
+    from ..control import WorkerChannels
+    from ..shared import SharedState
+
+
+@dataclass(frozen=True)
+class Option:
+    """An option of one or more algorithms: ``--name-with-dashes`` on the command line, and
+    ``TrainConfig.options[name]``. None (not given) lets the algorithm pick its default."""
+
+    name: str
+    type: type  # int, float or str
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass
+class WorkerContext:
+    """What a communicator is built from, in the worker process."""
+
+    rank: int
+    config: "TrainConfig"
+    channels: "WorkerChannels"
+    device: "torch.device"
+    n_params: int  # the first n_params entries of a flat state are parameters, then buffers
+    parent_pid: int
+
+    @property
+    def shared(self) -> "SharedState":
+        return self.channels.shared
+
+
+class Communicator:
+    """A worker's side of an algorithm. The base does no communication.
+
+    Asynchronous algorithms leave stopping to each worker (it reads the STOP flag); synchronous
+    ones decide together at a barrier (``before_step`` returns False).
+    """
+
+    seconds = 0.0  # time spent communicating
+
+    def start(self, y: "Tensor") -> None:
+        """Set y to the point the worker starts from (a fresh start, or a restart)."""
+
+    def wrap(self, model: "nn.Module") -> "nn.Module":
+        """The module the worker calls forward on (DDP wraps it)."""
+        return model
+
+    def before_step(self, step: int, y: "Tensor", v: "Tensor | None") -> bool:
+        """After the gradient, before the local step. False: the workers agreed to stop."""
+        return True
+
+    def after_step(self, step: int, y: "Tensor", v: "Tensor | None", loss: "Tensor") -> None:
+        """After the local step; ``loss`` is this step's mini-batch loss (a 0-d tensor)."""
+
+    def finish(self, y: "Tensor", v: "Tensor | None") -> None:
+        """Training is over for this worker: hand over what is pending."""
+
+    def reset(self, y: "Tensor") -> None:
+        """The worker diverged: nothing of it reached shared state; start again (``start``)."""
+        self.start(y)
+
+    def close(self) -> None:
+        """Release device resources (page-locked memory, process groups)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], y: "Tensor") -> None:
+        pass
+
+    @property
+    def exchanges(self) -> int:
+        return 0
+
+    @property
+    def bytes(self) -> int:
+        return 0
+
+    def timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one communication, adding its duration to ``seconds``."""
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+class Algorithm:
+    """One algorithm of the registry. Subclasses set the class attributes and override what
+    differs; an instance holds nothing of a run (the shared state is passed in)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    family: ClassVar[str] = ""  # for the help: which paper or family it comes from
+    single_worker: ClassVar[bool] = False  # one worker, no shared state besides its model
+    synchronous: ClassVar[bool] = False  # workers in lock-step: a dead one ends the run
+    local_momentum: ClassVar[bool] = False  # Nesterov momentum in the workers' local steps
+    master_momentum: ClassVar[bool] = False  # Nesterov momentum applied on shared state
+    elastic: ClassVar[bool] = False  # uses the moving rate --alpha / --beta
+    has_tau: ClassVar[bool] = True  # has a communication period (bench sweeps --taus)
+    default_beta: ClassVar[float] = 0.9
+    # The default step: the learning rate, or for the momentum algorithms the effective step
+    # lr / (1 - momentum) (their lr is this times 1 - momentum). From the tuning sweep in the
+    # README (mnist10k, cnn, batch 32).
+    default_step: ClassVar[float] = 0.1
+    options: ClassVar[tuple[Option, ...]] = ()
+    reports: ClassVar[str] = "the center"  # the model it reports, in words
+
+    def default_lr(self, momentum: float) -> float:
+        return self.default_step * (1.0 - momentum) if self.uses_momentum else self.default_step
+
+    @property
+    def uses_momentum(self) -> bool:
+        """Whether --momentum applies (the bench scales such runs' lr by 1 - momentum)."""
+        return self.local_momentum or self.master_momentum
+
+    # -- configuration (main process) ------------------------------------------------------
+
+    def resolve_alpha(self, config: "TrainConfig", alpha: float | None, beta: float | None) -> float:
+        """The moving rate: --alpha, else --beta / workers (beta = p * alpha)."""
+        if alpha is not None:
+            return alpha
+        return (self.default_beta if beta is None else beta) / config.workers
+
+    def validate(self, config: "TrainConfig") -> None:
+        """Check this algorithm's own options in ``config.options`` and resolve their defaults
+        into ``config.resolved_options``; raise ConfigError with one line."""
+
+    def notes(self, config: "TrainConfig") -> list[str]:
+        """Warnings for the user about a valid but questionable setting."""
+        return []
+
+    # -- shared state (main process) -------------------------------------------------------
+
+    def shared_state(self, config: "TrainConfig", init: "Tensor", n_params: int) -> "SharedState":
+        raise NotImplementedError
+
+    def reported(self, shared: "SharedState", config: "TrainConfig") -> "Tensor":
+        """A copy of the model this algorithm reports, from its shared state."""
+        raise NotImplementedError
+
+    def state_dict(self, shared: "SharedState") -> dict[str, "Tensor"]:
+        return shared.state_dict()
+
+    def load_state_dict(self, shared: "SharedState", state: dict[str, "Tensor"]) -> None:
+        shared.load_state_dict(state)
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def communicator(self, ctx: WorkerContext) -> Communicator:
+        raise NotImplementedError
+
+
+def option_value(config: "TrainConfig", name: str, default: Any) -> Any:
+    """The option as given, or ``default``."""
+    value = config.options.get(name)
+    return default if value is None else value
+
+
+def check_range(flag: str, value: float, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """One-line ConfigError unless low <= value <= high (with open ends as asked; NaN fails)."""
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{flag} must be in {interval} (got {value})")

@@ -1,0 +1,190 @@
+"""Leader SGD, LSGD (Teng et al., NeurIPS 2019, arXiv 1905.10395): workers pulled toward the
+best worker instead of toward an average.
+
+The update, the paper's eq. 2, with every term taken at the worker's pre-step x::
+
+    x <- x - eta * g(x) - lam * (x - x_group_leader) - lam_G * (x - x_global_leader)
+
+- Every ``--tau`` steps a worker publishes its parameters and the mean of its last
+  ``--leader-window`` mini-batch losses (default tau) into its own shared slot.
+- The group leader is the group's worker with the lowest published loss, the global leader the
+  lowest of all. The pull toward the group leader comes every tau steps, toward the global
+  leader every ``--tau-global`` steps (default 4 tau, as the authors ran it); ``--lam`` and
+  ``--lam-global`` default to 0.1, the authors' values. A leader does not pull itself; with one
+  group only the global leader is used. Workers are dealt into groups as EASGD-Tree's.
+- Asynchronous: a worker reads a leader's slot without waiting for that worker's step. Each slot
+  has its own lock, held while it is written (params and loss together) and while it is copied
+  out, so a read never sees half of one publication.
+- The model reported is the global leader's parameters: LSGD's theory is about the leader, a
+  stationary point of the original loss.
+
+The authors' code also pulls toward the last leader after every step (a proximal term, off with
+``--no_prox``); the paper's equation has no such term, and neither does this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..center import Diverged, Link
+from ..config import ConfigError
+from ..shared import SharedState
+from .base import Algorithm, Communicator, Option, WorkerContext, check_range
+from .groups import GROUP_SIZE, group_of, members, resolve_group_size
+
+LAM = Option("lam", float, "LSGD: pull toward the group leader, in [0, 1) (default: 0.1).")
+LAM_GLOBAL = Option("lam_global", float, "LSGD: pull toward the global leader, in [0, 1) "
+                    "(default: 0.1).")
+TAU_GLOBAL = Option("tau_global", int, "LSGD: steps between pulls toward the global leader "
+                    "(default: 4 * tau).")
+LEADER_WINDOW = Option("leader_window", int, "LSGD: mini-batch losses averaged into the loss a "
+                       "worker publishes (default: tau).")
+DEFAULT_LAM = 0.1
+
+
+def leader(losses: list[float], candidates: range | list[int]) -> int | None:
+    """The candidate with the lowest finite published loss (the first on a tie); None while no
+    candidate has published one."""
+    best = None
+    for r in candidates:
+        if math.isfinite(losses[r]) and (best is None or losses[r] < losses[best]):
+            best = r
+    return best
+
+
+def slot_name(rank: int) -> str:
+    return f"slot{rank}"
+
+
+def published_losses(shared: SharedState, workers: int) -> list[float]:
+    # One float each, read without a lock: a float is read whole.
+    return [float(shared[f"{slot_name(r)}.loss"].data[0]) for r in range(workers)]
+
+
+class LeaderPull(Communicator):
+    """An LSGD worker: publish every tau steps, then pull toward its leaders."""
+
+    def __init__(self, ctx: WorkerContext):
+        c, opts = ctx.config, ctx.config.resolved_options
+        self.rank, self.workers, self.tau = ctx.rank, c.workers, c.tau
+        self.lam, self.lam_global = opts["lam"], opts["lam_global"]
+        self.tau_global, self.window = opts["tau_global"], opts["leader_window"]
+        size = opts["group_size"]
+        self.group = members(group_of(ctx.rank, size), size)
+        self.one_group = size == c.workers
+        self.shared = ctx.shared
+        self.own = Link(ctx.shared[slot_name(ctx.rank)], ctx.device)
+        self.own_loss = ctx.shared[f"{slot_name(ctx.rank)}.loss"]
+        self.peers = {r: Link(ctx.shared[slot_name(r)], ctx.device)
+                      for r in range(c.workers) if r != ctx.rank}
+        self.recent = torch.full((self.window,), math.nan, device=ctx.device)  # last k losses
+        self.seen = 0  # losses recorded so far
+        self.publications = 0  # of this worker's slot
+        self.reads = 0  # leader slots read
+        self.numel = self.own.entry.numel
+
+    def start(self, y: Tensor) -> None:
+        self.own.pull(y)  # the initial weights, or this worker's last publication
+
+    def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        if step % self.tau == 0:
+            self.timed(self._publish_and_pull, step, y)
+        return True
+
+    def after_step(self, step: int, y: Tensor, v: Tensor | None, loss: Tensor) -> None:
+        self.recent[self.seen % self.window] = loss
+        self.seen += 1
+
+    def _mean_loss(self) -> float:
+        if self.seen == 0:
+            return math.inf  # nothing to stand on yet: never a leader
+        return float(self.recent[: min(self.seen, self.window)].mean())  # one sync per tau steps
+
+    def _publish_and_pull(self, step: int, y: Tensor) -> None:
+        loss = self._mean_loss()
+        if (self.seen and not math.isfinite(loss)) or not bool(torch.isfinite(y).all()):
+            raise Diverged("non-finite parameters or loss")
+        host = self.own.to_host(y)
+        with self.own.entry.guard():  # params and loss, one publication
+            self.own.entry.data.copy_(host)
+            self.own_loss.data[0] = loss
+        self.publications += 1
+        losses = published_losses(self.shared, self.workers)
+        targets = []
+        if not self.one_group:
+            targets.append((leader(losses, self.group), self.lam))
+        if step % self.tau_global == 0:
+            targets.append((leader(losses, range(self.workers)), self.lam_global))
+        d = None
+        for who, lam in targets:
+            if who is None or who == self.rank or lam == 0:
+                continue  # no leader yet, or this worker leads: it does not pull itself
+            diff = torch.sub(y, self.peers[who].read_whole()).mul_(lam)  # from the pre-step x
+            self.reads += 1
+            d = diff if d is None else d.add_(diff)
+        if d is not None:
+            y.sub_(d)
+
+    def close(self) -> None:
+        self.own.close()
+        for peer in self.peers.values():
+            peer.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": self.recent.cpu(), "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any], y: Tensor) -> None:
+        self.recent.copy_(state["recent"])
+        self.seen = int(state["seen"])
+
+    @property
+    def exchanges(self) -> int:
+        return self.publications
+
+    @property
+    def bytes(self) -> int:
+        # Each publication writes the slot once; each pull reads a leader's slot once.
+        return (self.publications + self.reads) * self.numel * 4
+
+
+class LSGD(Algorithm):
+    name = "lsgd"
+    summary = "Leader SGD: workers pulled toward the best worker of their group and of all"
+    default_step = 0.15  # its workers take sgd's steps
+    options = (GROUP_SIZE, LAM, LAM_GLOBAL, TAU_GLOBAL, LEADER_WINDOW)
+    reports = "the global leader's parameters"
+
+    def validate(self, config: Any) -> None:
+        size = resolve_group_size(config)
+        opts = {}
+        for option, default in ((LAM, DEFAULT_LAM), (LAM_GLOBAL, DEFAULT_LAM)):
+            value = config.options.get(option.name)
+            value = default if value is None else value
+            check_range(option.flag, value, 0, 1, high_open=True)
+            opts[option.name] = value
+        for option, default in ((TAU_GLOBAL, 4 * config.tau), (LEADER_WINDOW, config.tau)):
+            value = config.options.get(option.name)
+            value = default if value is None else value
+            if value < 1:
+                raise ConfigError(f"{option.flag} must be >= 1 (got {value})")
+            opts[option.name] = value
+        config.resolved_options.update(group_size=size, groups=config.workers // size, **opts)
+
+    def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
+        state = SharedState(locked=config.lock)
+        for r in range(config.workers):
+            state.add(slot_name(r), init)
+            state.add(f"{slot_name(r)}.loss", torch.tensor([math.inf]), lock=slot_name(r),
+                      dtype=torch.float64)
+        return state
+
+    def reported(self, shared: SharedState, config: Any) -> Tensor:
+        best = leader(published_losses(shared, config.workers), range(config.workers))
+        return shared[slot_name(0 if best is None else best)].snapshot()
+
+    def communicator(self, ctx: WorkerContext) -> Communicator:
+        return LeaderPull(ctx)

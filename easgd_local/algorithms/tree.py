@@ -1,0 +1,153 @@
+"""EASGD-Tree: workers under local (group) centers, the group centers tied elastically to a root.
+
+The tree of Zhang's thesis (arXiv 1605.02216) hangs workers off local centers and local centers
+off a root, each level with its own period. Its exact equations could not be recovered here, so
+this is the thesis's idea built from the paper's own exchange: **each node tied elastically to
+its parent, with its own period**.
+
+- Workers are dealt into groups of ``--group-size`` (default: one device group, groups.py).
+- Every ``--tau`` local steps a worker makes the elastic exchange of Algorithm 1 with its group's
+  center: d = alpha (x - c_g), x -= d, c_g += d, with alpha = beta / group size.
+- Every ``--tau-root`` exchanges of a group, the group's center makes the same exchange with the
+  root: d = alpha_root (c_g - root), c_g -= d, root += d, with alpha_root = beta_root / groups.
+- The model reported is the root.
+
+Who performs the group-to-root exchange: the worker whose exchange is the group's
+tau_root-th, right after it, in its own process and on the CPU (both centers are in shared
+memory, so no device is involved). The group's exchange count is kept beside its center and
+incremented under the group's lock, so exactly one worker sees each multiple of tau_root. The
+exchange holds the group's lock, then the root's (always in that order, so two groups' root
+exchanges and a group's worker exchanges can never deadlock), reads both centers whole, adds d
+to the root, then subtracts it from the group center.
+
+A worker killed in the middle of it (the kernel drops its locks) has added part of d to the
+root and none of it taken from the group center: the root has moved part of the way toward the
+group, the group center not at all, a smaller elastic step than asked for. No lock stays held.
+
+Traffic: ``bytes_exchanged`` counts what moves to and from the root (the top of the tree, the
+link that crosses device groups); exchanges with a group center stay inside a device group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..center import CenterLink, Diverged, SharedCenter
+from ..config import ConfigError
+from ..shared import SharedState, SharedTensor, crash_halfway
+from .base import Algorithm, Communicator, Option, WorkerContext, check_range
+from .groups import GROUP_SIZE, group_of, resolve_group_size
+
+TAU_ROOT = Option("tau_root", int, "Exchanges of a group with its center between two exchanges "
+                  "of that center with the root (default: 4).")
+BETA_ROOT = Option("beta_root", float, "Moving rate of the group-to-root exchange as "
+                   "beta_root = groups * alpha_root, in (0, 1] (default: 0.9).")
+DEFAULT_TAU_ROOT = 4
+DEFAULT_BETA_ROOT = 0.9
+
+
+def root_exchange_(group: SharedTensor, root: SharedTensor, alpha_root: float) -> Tensor:
+    """The group center's elastic exchange with the root, in place in shared memory.
+
+    Locks in a fixed order, group then root. d is added to the root first, then taken from the
+    group center (see the module doc for what a crash in between leaves). Returns d."""
+    with group.guard():
+        with root.guard():
+            d = torch.sub(group.data, root.data).mul_(alpha_root)
+            if not bool(torch.isfinite(d).all()):
+                raise Diverged("non-finite group center")
+            if root.crash_in_lock:
+                crash_halfway(root.data, d)
+            root.data.add_(d)
+            group.data.sub_(d)
+    return d
+
+
+class TreeExchange(Communicator):
+    """A worker of EASGD-Tree: exchanges with its group center, and every tau_root-th exchange
+    of its group, the group center's exchange with the root."""
+
+    def __init__(self, link: CenterLink, count: SharedTensor, root: SharedTensor, *, tau: int,
+                 alpha: float, tau_root: int, alpha_root: float):
+        self.link, self.count, self.root = link, count, root
+        self.group = link.entry
+        self.tau, self.alpha, self.tau_root, self.alpha_root = tau, alpha, tau_root, alpha_root
+        self.root_exchanges = 0
+
+    def start(self, y: Tensor) -> None:
+        self.link.pull(y)  # a worker (re)starts from its group's center
+
+    def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        if step % self.tau == 0:
+            self.timed(self._exchange, y)
+        return True
+
+    def _exchange(self, y: Tensor) -> None:
+        if self.link.exchange(y, self.alpha, under_lock=self._counted):
+            root_exchange_(self.group, self.root, self.alpha_root)
+            self.root_exchanges += 1
+
+    def _counted(self) -> bool:
+        """Under the group's lock: count this exchange; True for the group's tau_root-th."""
+        self.count.data.add_(1)
+        return int(self.count.data) % self.tau_root == 0
+
+    def close(self) -> None:
+        self.link.close()
+
+    @property
+    def exchanges(self) -> int:
+        return self.link.exchanges
+
+    @property
+    def bytes(self) -> int:
+        # The root read and the difference written back, per root exchange.
+        return self.root_exchanges * 2 * self.root.numel * 4
+
+
+class EASGDTree(Algorithm):
+    name = "easgd-tree"
+    summary = "EASGD tree: workers exchange with a group center, group centers with a root"
+    elastic = True
+    default_step = 0.2  # as easgd
+    options = (GROUP_SIZE, TAU_ROOT, BETA_ROOT)
+    reports = "the root"
+
+    def validate(self, config: Any) -> None:
+        size = resolve_group_size(config)
+        tau_root = config.options.get("tau_root")
+        tau_root = DEFAULT_TAU_ROOT if tau_root is None else tau_root
+        if tau_root < 1:
+            raise ConfigError(f"--tau-root must be >= 1 (got {tau_root})")
+        beta_root = config.options.get("beta_root")
+        beta_root = DEFAULT_BETA_ROOT if beta_root is None else beta_root
+        check_range("--beta-root", beta_root, 0, 1, low_open=True)
+        groups = config.workers // size
+        config.resolved_options.update(group_size=size, groups=groups, tau_root=tau_root,
+                                       beta_root=beta_root, alpha_root=beta_root / groups)
+
+    def resolve_alpha(self, config: Any, alpha: float | None, beta: float | None) -> float:
+        if alpha is not None:
+            return alpha
+        return (self.default_beta if beta is None else beta) / resolve_group_size(config)
+
+    def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
+        state = SharedState(locked=config.lock)
+        state.add("root", init)
+        for g in range(config.resolved_options["groups"]):
+            SharedCenter(init, state=state, name=f"group{g}", n_params=n_params)
+        return state
+
+    def reported(self, shared: SharedState, config: Any) -> Tensor:
+        return shared["root"].snapshot()
+
+    def communicator(self, ctx: WorkerContext) -> Communicator:
+        c, opts = ctx.config, ctx.config.resolved_options
+        g = group_of(ctx.rank, opts["group_size"])
+        center = SharedCenter(state=ctx.shared, name=f"group{g}", n_params=ctx.n_params)
+        return TreeExchange(CenterLink(center, ctx.device), ctx.shared[f"group{g}.clock"],
+                            ctx.shared["root"], tau=c.tau, alpha=c.resolved_alpha,
+                            tau_root=opts["tau_root"], alpha_root=opts["alpha_root"])

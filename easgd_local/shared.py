@@ -1,0 +1,179 @@
+"""Shared state between the main process and the workers: named flat tensors in shared memory,
+each guarded by a lock where it is written.
+
+An algorithm declares what it shares (a center, group centers, one slot per worker, the master
+momentum of DOWNPOUR...) as entries of a :class:`SharedState`; the main process allocates them
+before any worker starts, and workers receive them through spawn arguments and map the same
+pages (``share_memory_`` with PyTorch's ``file_descriptor`` strategy: a segment is unlinked as
+soon as it is mapped, so it cannot outlive the processes that hold it).
+
+Entries written together (the DOWNPOUR center, its master velocity and its running average)
+share one lock; every other entry that is written has its own. A lock is a POSIX record lock
+(:class:`ProcessLock`), which the kernel releases when its holder dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class ProcessLock:
+    """A lock between processes that a dead holder cannot keep: a POSIX record lock (fcntl).
+
+    A multiprocessing.Lock is a semaphore: a worker killed while holding it leaves it held for
+    good. A record lock belongs to the process, and the kernel drops it when the process dies,
+    however it dies. The locked file is anonymous (created, then unlinked at once), so nothing
+    is left on disk; each process gets its own descriptor to it through spawn (record locks of
+    one process do not exclude each other, so one process must not lock it from two threads).
+    """
+
+    def __init__(self) -> None:
+        fd, path = tempfile.mkstemp(prefix="easgd-lock-")
+        os.unlink(path)
+        self.fd = fd
+
+    def __enter__(self) -> "ProcessLock":
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def acquire(self, timeout: float) -> bool:
+        """Try for up to ``timeout`` seconds; True when held (release with ``__exit__``)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.001)
+
+    def __reduce__(self) -> tuple:
+        from multiprocessing import reduction
+
+        # Only meaningful while spawning a child: the descriptor travels with the process.
+        return (_rebuild_lock, (reduction.DupFd(self.fd),))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _rebuild_lock(dup: Any) -> ProcessLock:
+    lock = ProcessLock.__new__(ProcessLock)
+    lock.fd = dup.detach()
+    return lock
+
+
+class SharedTensor:
+    """One flat tensor in shared memory and the lock that guards writes to it (None: unguarded,
+    Hogwild-style). Picklable for spawn."""
+
+    def __init__(self, init: Tensor, lock: ProcessLock | None, dtype: torch.dtype = torch.float32):
+        self.data = init.detach().to("cpu", dtype).clone().share_memory_()
+        self.lock = lock
+        self.crash_in_lock = False  # fault injection (tests): die halfway through an addition
+
+    @property
+    def numel(self) -> int:
+        return self.data.numel()
+
+    def guard(self) -> contextlib.AbstractContextManager:
+        return self.lock if self.lock is not None else contextlib.nullcontext()
+
+    def add_(self, d: Tensor, under_lock: Callable[[], Any] | None = None) -> Any:
+        """data += d, atomically with respect to other guarded writers; ``under_lock`` runs in
+        the same critical section (its result is returned)."""
+        with self.guard():
+            if self.crash_in_lock:
+                crash_halfway(self.data, d)
+            self.data.add_(d)
+            return under_lock() if under_lock is not None else None
+
+    def copy_(self, src: Tensor) -> None:
+        """data = src, whole: a reader under the lock never sees half of it."""
+        with self.guard():
+            self.data.copy_(src)
+
+    def snapshot(self) -> Tensor:
+        """A consistent copy (taken under the lock, so no half-applied write)."""
+        with self.guard():
+            return self.data.clone()
+
+
+def crash_halfway(data: Tensor, d: Tensor) -> None:
+    """Fault injection: add half of ``d``, then die by SIGKILL with the lock held."""
+    half = d.numel() // 2
+    data[:half].add_(d[:half])
+    os.kill(os.getpid(), 9)  # no handler, no cleanup, the lock still held
+
+
+class SharedState:
+    """Named :class:`SharedTensor` entries. ``lock`` on :meth:`add` is True (a lock of its own),
+    False (never written concurrently, or --no-lock), or the name of an entry whose lock it
+    shares (written together with it)."""
+
+    def __init__(self, locked: bool = True):
+        self.locked = locked  # False: --no-lock, every entry unguarded
+        self.entries: dict[str, SharedTensor] = {}
+
+    def add(self, name: str, init: Tensor, *, lock: bool | str = True,
+            dtype: torch.dtype = torch.float32) -> SharedTensor:
+        if name in self.entries:
+            raise ValueError(f"shared entry {name!r} declared twice")
+        if isinstance(lock, str):
+            guard = self.entries[lock].lock
+        else:
+            guard = ProcessLock() if lock and self.locked else None
+        entry = SharedTensor(init, guard, dtype)
+        self.entries[name] = entry
+        return entry
+
+    def __getitem__(self, name: str) -> SharedTensor:
+        return self.entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def numel(self, names: list[str] | None = None) -> int:
+        return sum(self.entries[n].numel for n in (names or self.entries))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """A copy of every entry, each taken under its lock."""
+        return {name: entry.snapshot() for name, entry in self.entries.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = [n for n in self.entries if n not in state]
+        if missing:
+            raise KeyError(f"saved state has no {', '.join(missing)}")
+        for name, entry in self.entries.items():
+            entry.copy_(state[name])
+
+    def close(self) -> None:
+        """Release the locks' descriptors (the tensors go with the last process that maps
+        them)."""
+        seen = set()
+        for entry in self.entries.values():
+            if entry.lock is not None and id(entry.lock) not in seen:
+                seen.add(id(entry.lock))
+                entry.lock.close()

@@ -110,6 +110,7 @@ class BenchOptions:
     # evaluation takes no cores from the workers it measures (runs then last --time-limit)
     live_eval: bool = False
     calibrate: bool = True  # measure the machine's one-thread samples/s first
+    faults: str | None = None  # injected into every run (train's --fault)
     options: dict[str, Any] = field(default_factory=dict)  # algorithm options, to those that take them
     out: Path | None = None  # None: runs/bench-<timestamp>
 
@@ -263,7 +264,7 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
                         eval_every=options.eval_every, eval_budget=options.eval_budget,
                         eval_deferred=not options.live_eval,
                         # A timed run is measured, not kept: no periodic checkpoints in it.
-                        checkpoint_every=None, quiet=True,
+                        checkpoint_every=None, quiet=True, faults=options.faults,
                         options=options_for(algo, options.options))
                     step = base_lr if base_lr is not None else cfg.ALGORITHMS[algo].default_step
                     specs.append(RunSpec(index=len(specs) + 1, algo=algo, tau=tau, lr=step,
@@ -305,8 +306,9 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
         if not any(a in users for a in options.algos):
             raise ConfigError(f"{option.flag} applies to {', '.join(users)}, none of which this "
                               "bench runs")
-    if options.model not in MODELS:
-        raise ConfigError(f"unknown --model {options.model!r}; choose one of {', '.join(MODELS)}")
+    if options.model not in MODELS and ":" not in options.model:
+        raise ConfigError(f"unknown --model {options.model!r}; choose one of {', '.join(MODELS)}, "
+                          "torchvision:NAME or module:factory")
 
     specs = plan_runs(options)
     for spec in specs:
@@ -508,6 +510,8 @@ def settings_line(bench: dict[str, Any]) -> str:
     for name, value in (bench.get("options") or {}).items():
         parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float)
                      else f"--{name.replace('_', '-')} {value}")
+    if bench.get("faults"):
+        parts.append(f"--fault {bench['faults']}")
     if bench.get("eval_every") is not None:
         parts.append(f"--eval-every {bench['eval_every']:g}")
     if bench.get("live_eval"):
@@ -614,6 +618,7 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
         "threads_per_worker": specs[0].config.threads, "load_average": _load_average(),
         "one_thread_samples_per_second": None,
         "options": {k: v for k, v in options.options.items() if v is not None},
+        "faults": options.faults,
         "time_to_target_method": TIME_TO_TARGET_METHOD,
         "runs": [],
     }

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import rules
-from .shared import ProcessLock, SharedState, SharedTensor, crash_halfway
+from .shared import ProcessLock, SharedState, SharedTensor, crash_signal, crash_halfway
 
 __all__ = ["CenterLink", "Diverged", "Link", "ProcessLock", "SharedCenter", "page_lock"]
 
@@ -87,11 +87,11 @@ class SharedCenter:
         return self.entry.lock
 
     @property
-    def crash_in_lock(self) -> bool:
+    def crash_in_lock(self) -> bool | int:
         return self.entry.crash_in_lock
 
     @crash_in_lock.setter
-    def crash_in_lock(self, value: bool) -> None:
+    def crash_in_lock(self, value: bool | int) -> None:
         self.entry.crash_in_lock = value
 
     @property
@@ -141,7 +141,7 @@ class SharedCenter:
         n, data, velocity, average = self.n_params, self.data, self.velocity, self.average
         with self.guard():
             if self.crash_in_lock:
-                crash_halfway(data, u)
+                crash_halfway(data, u, crash_signal(self.crash_in_lock))
             data[:n].add_(u[:n])
             data[n:].copy_(u[n:])
             if velocity is not None:
@@ -234,6 +234,12 @@ class Link:
         self.done.record()
         self.done.synchronize()
         return self.d_host
+
+    def wait(self) -> None:
+        """Wait for this link's copies issued so far (before letting go of a lock)."""
+        if self.cuda:
+            self.done.record()
+            self.done.synchronize()
 
     def read_whole(self) -> Tensor:
         """A copy of the entry on the worker's device, taken under its lock: never part of one

@@ -72,8 +72,6 @@ def with_algorithm_options(command: Callable[..., Any]) -> Callable[..., Any]:
 # parsing stay fast; tests check the lists agree.
 DATASET_CHOICES = ("mnist10k", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 MODEL_CHOICES = ("cnn", "cifar-paper", "resnet18")
-Dataset = enum.Enum("Dataset", {d: d for d in DATASET_CHOICES}, type=str)
-Model = enum.Enum("Model", {m: m for m in MODEL_CHOICES}, type=str)
 
 ALGO_PANEL, DATA_PANEL, SYSTEM_PANEL, OUTPUT_PANEL = "Algorithm", "Data", "System", "Output"
 
@@ -99,12 +97,14 @@ def train(
     epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the training set by all workers together. (default: 8 when no stop is given)", rich_help_panel=ALGO_PANEL)] = None,
     time_limit: Annotated[Optional[float], typer.Option(help="Stop after this many seconds of training (start-up not counted).", rich_help_panel=ALGO_PANEL)] = None,
     target_accuracy: Annotated[Optional[float], typer.Option(help="Stop once an evaluation of the center reaches this test accuracy.", rich_help_panel=ALGO_PANEL)] = None,
-    dataset: Annotated[Dataset, typer.Option(help="Data set. mnist10k ships with the package; the others are read from --data-dir.", rich_help_panel=DATA_PANEL)] = Dataset.mnist10k,
+    dataset: Annotated[str, typer.Option(help="Data set: mnist10k (ships with the package), mnist, fashion-mnist, cifar10, cifar100, imagefolder (read from --data-dir), or your own data factory module:attr.", rich_help_panel=DATA_PANEL)] = "mnist10k",
     data_dir: Annotated[Path, typer.Option(help="Root of the torchvision data sets (imagefolder: the directory holding train/ and val/).", rich_help_panel=DATA_PANEL)] = TrainConfig.data_dir,
     download: Annotated[bool, typer.Option("--download", help="Download the data set into --data-dir if missing.", rich_help_panel=DATA_PANEL)] = False,
-    model: Annotated[Model, typer.Option(help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18.", rich_help_panel=DATA_PANEL)] = Model.cnn,
+    model: Annotated[str, typer.Option(help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18, torchvision:NAME (any classification model of torchvision.models), or your own model factory module:attr.", rich_help_panel=DATA_PANEL)] = "cnn",
     workers: Annotated[Optional[int], typer.Option(help="Worker processes. (default: one per device; 2 on a CPU-only machine)", rich_help_panel=SYSTEM_PANEL)] = None,
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu; workers are dealt round-robin. (default: every visible GPU, else cpu)", rich_help_panel=SYSTEM_PANEL)] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input side for imagefolder (default: the images' own size when they all share one, else 224) and a crop for the other sets.", rich_help_panel=DATA_PANEL)] = None,
+    loader_workers: Annotated[int, typer.Option(help="DataLoader processes per worker, for data read from disk (imagefolder, your own Dataset).", rich_help_panel=DATA_PANEL)] = 0,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads per CPU worker (default: the cores split between the CPU workers).", rich_help_panel=SYSTEM_PANEL)] = None,
     lock: Annotated[bool, typer.Option("--lock/--no-lock", help="Guard the center update with a lock; --no-lock runs Hogwild-style.", rich_help_panel=SYSTEM_PANEL)] = True,
     eval_every: Annotated[Optional[float], typer.Option(help="Seconds between evaluations of the center during training. (default: spaced so that evaluation takes --eval-budget of the run's compute)", rich_help_panel=SYSTEM_PANEL)] = None,
@@ -112,6 +112,8 @@ def train(
     eval_samples: Annotated[int, typer.Option(help="Test samples per evaluation while training: a fixed, seeded subset (0: the whole test set). The final evaluation always uses the whole test set.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_samples,
     eval_deferred: Annotated[bool, typer.Option("--eval-deferred", help="Only snapshot the center while training and evaluate the snapshots afterwards, so that evaluation takes no cores from the workers (--target-accuracy then cannot end the run early).", rich_help_panel=SYSTEM_PANEL)] = False,
     max_restarts: Annotated[int, typer.Option(help="Dead workers replaced (from the center) before the run gives up.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.max_restarts,
+    fault: Annotated[Optional[str], typer.Option(help="Inject faults, for a demo: rank:step:kind[,...] with kind slow:F (that rank F times slower from that step), pause:S (stops S seconds), kill, exit, hang, nan.", rich_help_panel=SYSTEM_PANEL)] = None,
+    stall_timeout: Annotated[Optional[float], typer.Option(help="Seconds without a step after which a worker (stopped, hung) is declared dead: killed and replaced. (default: 20 times the longest pause seen, at least 20 s)", rich_help_panel=SYSTEM_PANEL)] = None,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints; one is also written at the end and on Ctrl-C.", rich_help_panel=OUTPUT_PANEL)] = TrainConfig.checkpoint_every,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its checkpoint, with its saved configuration; stop options given here replace the saved ones.", rich_help_panel=OUTPUT_PANEL)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory. (default: runs/<timestamp>-<algo>-p<workers>)", rich_help_panel=OUTPUT_PANEL)] = None,
@@ -124,16 +126,17 @@ def train(
     config = TrainConfig(
         algo=algo.value, lr=lr, tau=tau, beta=beta, alpha=alpha, momentum=momentum,
         weight_decay=weight_decay, batch_size=batch_size, seed=seed, lock=lock, steps=steps,
-        epochs=epochs, time_limit=time_limit, target_accuracy=target_accuracy, dataset=dataset.value, data_dir=data_dir,
-        download=download, model=model.value, workers=workers,
+        epochs=epochs, time_limit=time_limit, target_accuracy=target_accuracy, dataset=dataset, data_dir=data_dir,
+        download=download, model=model, workers=workers,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        threads=threads, eval_every=eval_every, eval_budget=eval_budget, eval_samples=eval_samples,
+        threads=threads, image_size=image_size, loader_workers=loader_workers, eval_every=eval_every, eval_budget=eval_budget, eval_samples=eval_samples,
         eval_deferred=eval_deferred, out=out, quiet=quiet, max_restarts=max_restarts,
+        stall_timeout=stall_timeout, faults=fault,
         checkpoint_every=checkpoint_every,
         options={k: v for k, v in (algorithm_options or {}).items() if v is not None})
     checkpoint = None
     if resume is not None:
-        config, checkpoint = _resumed(resume, config)
+        config, checkpoint = _resumed(resume, config, _given_on_command_line())
     reporter = None if quiet else ProgressReporter()
     summary = run_training(config, reporter, checkpoint)
     if not quiet:
@@ -158,12 +161,13 @@ def bench(
     momentum: Annotated[float, typer.Option(help="Nesterov momentum delta of the momentum algorithms (eamsgd, msgd, mdownpour). They run with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals the others' --lr.", rich_help_panel=ALGO_PANEL)] = _bench.DEFAULT_MOMENTUM,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, the same for every run.", rich_help_panel=ALGO_PANEL)] = TrainConfig.seed,
-    dataset: Annotated[Dataset, typer.Option(help="Data set. mnist10k ships with the package; the others are read from --data-dir.", rich_help_panel=DATA_PANEL)] = Dataset.mnist10k,
+    dataset: Annotated[str, typer.Option(help="Data set: mnist10k (ships with the package), mnist, fashion-mnist, cifar10, cifar100, imagefolder (read from --data-dir), or your own data factory module:attr.", rich_help_panel=DATA_PANEL)] = "mnist10k",
     data_dir: Annotated[Path, typer.Option(help="Root of the torchvision data sets (imagefolder: the directory holding train/ and val/).", rich_help_panel=DATA_PANEL)] = TrainConfig.data_dir,
-    model: Annotated[Model, typer.Option(help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18.", rich_help_panel=DATA_PANEL)] = Model.cnn,
+    model: Annotated[str, typer.Option(help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18, torchvision:NAME (any classification model of torchvision.models), or your own model factory module:attr.", rich_help_panel=DATA_PANEL)] = "cnn",
     workers: Annotated[Optional[int], typer.Option(help="Workers of the multi-worker algorithms; sgd and msgd always run one. Default: one per device (2 on a CPU-only machine).", rich_help_panel=SYSTEM_PANEL)] = None,
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu. Default: every visible GPU, else cpu.", rich_help_panel=SYSTEM_PANEL)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Bench directory: bench.json, bench.md, bench.png and runs/. Default: runs/bench-<timestamp>.", rich_help_panel=OUTPUT_PANEL)] = None,
+    fault: Annotated[Optional[str], typer.Option(help="Inject faults into every run, as train's --fault (e.g. 1:0:slow:5: worker 1 five times slower).", rich_help_panel=BENCH_PANEL)] = None,
     live_eval: Annotated[bool, typer.Option("--live-eval", help="Evaluate the center while each run trains, so that reaching --target-accuracy ends it early; by default runs only snapshot the center and evaluate afterwards, leaving every core to the workers being measured.", rich_help_panel=BENCH_PANEL)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line per run (the table is still printed).", rich_help_panel=OUTPUT_PANEL)] = False,
     algorithm_options: Optional[dict] = None,
@@ -176,9 +180,9 @@ def bench(
         time_limit=time_limit, target_accuracy=target_accuracy,
         lrs=_bench.parse_lrs(lrs) if lrs is not None else (None if lr is None else [lr]),
         momentum=momentum, batch_size=batch_size, seed=seed, repeats=repeats,
-        dataset=dataset.value, data_dir=data_dir, model=model.value,
+        dataset=dataset, data_dir=data_dir, model=model,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        eval_every=eval_every, eval_budget=eval_budget, live_eval=live_eval, out=out,
+        eval_every=eval_every, eval_budget=eval_budget, live_eval=live_eval, out=out, faults=fault,
         options={k: v for k, v in (algorithm_options or {}).items() if v is not None})
     # '[i/n] label: ' as a run starts, the result on the same line when it ends.
     result = _bench.run_bench(
@@ -221,25 +225,65 @@ def stability(
 
 
 STOP_FIELDS = ("steps", "epochs", "time_limit", "target_accuracy")
+# What a resumed run may change: when it stops, how it is evaluated and checkpointed, where its
+# data is, its restart budget (a fresh one), its threads. Everything else defines the run.
+RESUMABLE_FIELDS = (*STOP_FIELDS, "data_dir", "download", "max_restarts", "stall_timeout",
+                    "eval_every", "eval_budget", "eval_samples", "eval_deferred",
+                    "checkpoint_every", "threads", "quiet")
+# Flags that are not TrainConfig fields of the same name.
+_FLAG_FIELDS = {"dataset": "dataset", "model": "model", "algo": "algo"}
 
 
-def _resumed(run_dir: Path, given: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
-    """The saved configuration of ``run_dir`` (stop conditions replaced by those given on the
-    command line, if any) and its newest readable checkpoint."""
+def _resumed(run_dir: Path, given: TrainConfig, on_command_line: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """The saved configuration of ``run_dir`` with the options given on the command line that
+    may change on a resume (RESUMABLE_FIELDS), and its newest readable checkpoint. An option
+    that cannot change and differs from the saved one is refused in one line."""
     import json
 
     from .checkpoint import Checkpointer
 
     try:
-        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        text = (run_dir / "config.json").read_text()
     except FileNotFoundError:
         raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?") from None
+    except OSError as e:
+        raise ConfigError(f"--resume {run_dir}: cannot read config.json ({e.strerror or e}); "
+                          "is it a run directory?") from None
+    try:
+        saved = TrainConfig.from_dict(json.loads(text))
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({e})") from None
-    if any(getattr(given, f) is not None for f in STOP_FIELDS):
+        raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({_one_line(str(e))})") from None
+    if "out" in on_command_line and given.out is not None and Path(given.out).resolve() != run_dir.resolve():
+        raise ConfigError(f"--out cannot change on a resume (the run is in {run_dir})")
+    resolved = None
+    for name in sorted(on_command_line - {"out", "resume"}):
+        if name in RESUMABLE_FIELDS:
+            continue
+        if name in given.options:
+            if resolved is None:  # the algorithm's defaults, as the saved run used them
+                import dataclasses
+
+                resolved = dataclasses.replace(saved, options=dict(saved.options)).validate()
+            before = resolved.resolved_options.get(name, saved.options.get(name))
+            after = given.options.get(name)
+        elif hasattr(given, name):
+            before, after = getattr(saved, name), getattr(given, name)
+        else:
+            continue
+        if before != after:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} cannot change on a resume (the run has {before}, given "
+                              f"{after}); start a new run instead")
+    if any(f in on_command_line for f in STOP_FIELDS):
         for f in STOP_FIELDS:
             setattr(saved, f, getattr(given, f))
+    for f in RESUMABLE_FIELDS:
+        if f in on_command_line and f not in STOP_FIELDS:
+            setattr(saved, f, getattr(given, f))
     saved.out, saved.quiet = run_dir, given.quiet
+    import dataclasses
+
+    dataclasses.replace(saved, options=dict(saved.options)).validate()  # a mistyped config.json
     return saved, Checkpointer(run_dir).load()
 
 
@@ -298,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     from .output import OutputError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # SIGTERM ends a run the way Ctrl-C does: workers stopped and joined, nothing left behind.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM and SIGHUP end a run the way Ctrl-C does: workers stopped and joined, a final
+    # checkpoint, nothing left behind.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="easgd-local", standalone_mode=False)
@@ -323,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _given_on_command_line() -> set[str]:
+    """The parameters of the running command that the user gave (not their defaults)."""
+    from typer.main import get_current_context
+
+    ctx = get_current_context()
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
 
 
 def _one_line(text: str) -> str:

@@ -7,6 +7,7 @@ The CLI only maps flags onto :class:`TrainConfig`; every check of a value lives 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +53,14 @@ class TrainConfig:
     time_limit: float | None = None  # seconds of training (start-up excluded)
     target_accuracy: float | None = None  # stop once an evaluation of the center reaches it
     # Data and model
-    dataset: str = "mnist10k"
+    dataset: str = "mnist10k"  # a built-in name, or a user's data factory "module:attr"
     data_dir: Path = Path("datasets")
     download: bool = False
-    model: str = "cnn"
+    model: str = "cnn"  # a built-in name, "torchvision:NAME", or a user's factory "module:attr"
+    image_size: int | None = None  # input side for imagefolder and torchvision sets (None: theirs)
+    loader_workers: int = 0  # DataLoader processes per worker, for data read from disk
+    loss: str | None = None  # "module:attr" (outputs, targets) -> loss; None: cross-entropy
+    metric: str | None = None  # "module:attr" (outputs, targets) -> score in [0, 1]; None: accuracy
     # System
     workers: int | None = None  # None: one per device (2 on a CPU-only machine)
     devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"] or ["cpu"]; None: all GPUs, else cpu
@@ -67,6 +72,9 @@ class TrainConfig:
     eval_batch_size: int = 250  # small enough that stopping never waits long for an evaluation
     checkpoint_every: float | None = 60.0  # seconds between checkpoints (and one at the end)
     max_restarts: int = 3  # dead workers replaced before the run gives up
+    faults: str | None = None  # injected faults "rank:step:kind[,...]" (worker.py), for demos
+    stall_timeout: float | None = None  # seconds without a step before a worker is declared
+    # dead; None: a generous multiple of the longest pause seen, at least STALL_FLOOR
     # Output
     out: Path | None = None  # None: runs/<timestamp>-<algo>-p<workers>
     quiet: bool = False
@@ -96,16 +104,50 @@ class TrainConfig:
         if self.algo not in ALGORITHMS:
             raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
         algorithm = ALGORITHMS[self.algo]
+        # Every number is checked for its type and range; every float also for NaN and inf,
+        # which no comparison below would catch (a NaN time limit never ends a run).
+        for flag, value, kind in (
+                ("--lr", self.lr, float), ("--tau", self.tau, int), ("--beta", self.beta, float),
+                ("--alpha", self.alpha, float), ("--momentum", self.momentum, float),
+                ("--weight-decay", self.weight_decay, float), ("--batch-size", self.batch_size, int),
+                ("--seed", self.seed, int), ("--steps", self.steps, int),
+                ("--epochs", self.epochs, float), ("--time-limit", self.time_limit, float),
+                ("--target-accuracy", self.target_accuracy, float),
+                ("--workers", self.workers, int), ("--threads", self.threads, int),
+                ("--eval-every", self.eval_every, float), ("--eval-budget", self.eval_budget, float),
+                ("--eval-samples", self.eval_samples, int),
+                ("--checkpoint-every", self.checkpoint_every, float),
+                ("--stall-timeout", self.stall_timeout, float),
+                ("--max-restarts", self.max_restarts, int),
+                ("--image-size", self.image_size, int),
+                ("--loader-workers", self.loader_workers, int)):
+            _check_number(flag, value, kind)
         if self.lr is not None:
             _positive("--lr", self.lr)
+        if self.faults:
+            from .worker import parse_fault
+
+            for item in filter(None, self.faults.split(",")):
+                try:
+                    rank, _, _ = parse_fault(item)
+                except ValueError as e:
+                    raise ConfigError(f"--fault: {e}") from None
         if self.tau < 1:
             raise ConfigError(f"--tau must be >= 1 (got {self.tau})")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"--image-size must be >= 1 (got {self.image_size})")
+        if self.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be >= 0 (got {self.loader_workers})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2^32) (got {self.seed})")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if self.checkpoint_every is not None and not self.checkpoint_every > 0:
             raise ConfigError(f"--checkpoint-every must be > 0 seconds (got {self.checkpoint_every})")
+        if self.stall_timeout is not None and not self.stall_timeout > 0:
+            raise ConfigError(f"--stall-timeout must be > 0 seconds (got {self.stall_timeout})")
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be >= 0 (got {self.max_restarts})")
         if self.threads is not None and self.threads < 1:
@@ -160,6 +202,9 @@ class TrainConfig:
                 raise ConfigError(f"--algo {self.algo} runs one worker (got --workers {self.workers})")
             self.workers = 1
         devices = self.devices
+        if devices is not None and (not isinstance(devices, list)
+                                    or not all(isinstance(d, str) for d in devices)):
+            raise ConfigError(f"--devices must be a list of device names (got {devices!r})")
         if not devices:
             devices = [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"]
             if self.devices is None and self.workers is not None:
@@ -168,6 +213,7 @@ class TrainConfig:
             _check_device(d, cuda_count)
         if self.workers is None:
             self.workers = len(devices) if devices != ["cpu"] else 2
+        _check_memory(self.workers)
         self.devices = devices
         # Workers are dealt round-robin over the devices; several may share one GPU.
         self.worker_devices = [devices[r % len(devices)] for r in range(self.workers)]
@@ -216,6 +262,42 @@ class TrainConfig:
 def _positive(flag: str, value: float) -> None:
     if not value > 0:  # also rejects NaN
         raise ConfigError(f"{flag} must be > 0 (got {value})")
+
+
+def _check_number(flag: str, value: Any, kind: type) -> None:
+    """None (not given), or a number of the right kind; a float must be finite."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(f"{flag} must be {'a number' if kind is float else 'an integer'} (got {value!r})")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number (got {value})")
+
+
+# What one spawned worker holds at the least: the interpreter with torch (the CUDA build is
+# ~800 MB resident), its copy of the model and its staging buffers.
+WORKER_MEMORY_BYTES = 900 * 2**20
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _check_memory(workers: int) -> None:
+    """Refuse more workers than this machine can hold, before spawning any."""
+    available = _available_memory()
+    if available is not None and workers * WORKER_MEMORY_BYTES > available:
+        per = WORKER_MEMORY_BYTES / 2**30
+        raise ConfigError(f"--workers {workers} needs about {workers * per:,.0f} GB ({per:.1f} GB "
+                          f"per worker process) and this machine has {available / 2**30:.1f} GB "
+                          "available")
 
 
 def _cuda_count() -> int:

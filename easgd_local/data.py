@@ -22,7 +22,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class DatasetInfo:
     num_classes: int
     in_channels: int
     image_size: int  # side of the (square) images the model receives, after any crop
+    # Training samples, where prepare_dataset knows it cheaply (not part of the identity).
+    train_size: int | None = field(default=None, compare=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -645,6 +647,40 @@ def _prepare_imagefolder(root: Path) -> int:
     return len(train_classes)
 
 
+IMAGE_SIZE_PROBES = 32  # images per class folder whose size is read to find a common one
+
+
+def _common_image_size(root: Path) -> int | None:
+    """The side the folder's images share when they are square and all of one size, as read
+    from the headers of up to IMAGE_SIZE_PROBES images of each class folder; None otherwise."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    sizes = set()
+    for split in ("train", "val"):
+        for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            seen = 0
+            with os.scandir(class_dir) as entries:
+                for entry in entries:
+                    if not entry.name.lower().endswith(IMG_EXTENSIONS) or not entry.is_file():
+                        continue
+                    try:
+                        with Image.open(entry.path) as im:
+                            sizes.add(im.size)
+                    except (OSError, ValueError, SyntaxError):
+                        continue  # an unreadable image: the evaluation will say so
+                    seen += 1
+                    if seen >= IMAGE_SIZE_PROBES or len(sizes) > 1:
+                        break
+            if len(sizes) > 1:
+                return None
+    if len(sizes) == 1:
+        w, h = sizes.pop()
+        if w == h:
+            return w
+    return None
+
+
 def _load_imagefolder(
     root: Path, train: bool, device: torch.device, size: int, loader_workers: int
 ) -> LoaderSplit:
@@ -679,8 +715,18 @@ def _load_imagefolder(
 # ---------------------------------------------------------------------------------------
 
 
-def _info(name: str, spec: _Spec, size: int, num_classes: int | None = None) -> DatasetInfo:
-    return DatasetInfo(name, num_classes or spec.num_classes, spec.in_channels, size)
+def _info(name: str, spec: _Spec, size: int, num_classes: int | None = None,
+          train_size: int | None = None) -> DatasetInfo:
+    return DatasetInfo(name, num_classes or spec.num_classes, spec.in_channels, size, train_size)
+
+
+def _check_labels(name: str, ds: Any, folder: Path) -> int:
+    """One label per image (torchvision does not check it for MNIST's files); the size."""
+    data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
+    if data is not None and targets is not None and len(data) != len(targets):
+        raise DataError(f"{name} files in {folder} do not match: {len(data)} images but "
+                        f"{len(targets)} labels; delete that folder and pass --download")
+    return len(ds)
 
 
 def prepare_dataset(name: str, data_dir: Path, download: bool, image_size: int | None = None) -> DatasetInfo:
@@ -689,25 +735,35 @@ def prepare_dataset(name: str, data_dir: Path, download: bool, image_size: int |
     Downloading here, before any worker starts, keeps workers from racing to write
     the same files.  Raises :class:`DataError` (one line) for anything the user can fix.
     """
+    if ":" in name:  # a user's data factory: called here first, so its errors come before workers
+        from . import userdata
+
+        return userdata.load(name, data_dir, image_size)[2]
     spec = _check_name(name)
     size = _resolve_size(name, spec, image_size)
     root = Path(data_dir)
     if name == "mnist10k":
         _prepare_mnist10k()
-        info = _info(name, spec, size)
+        info = _info(name, spec, size, train_size=MNIST10K_TRAIN)
     elif name == "imagefolder":
         if download:
             logger.warning("--download has no effect for imagefolder: there is nothing to download")
-        info = _info(name, spec, size, _prepare_imagefolder(root))
+        classes = _prepare_imagefolder(root)
+        if image_size is None:
+            # The images' own size when they all share one (28x28 digits stay 28x28).
+            size = _common_image_size(root) or size
+        info = _info(name, spec, size, classes)
     else:
         # Opening the test split checks (and with download=True fetches) everything
         # without holding the big training array: torchvision's CIFAR integrity check
         # covers the files of both splits.  The MNIST family only checks that files
         # exist, so its training file is read too (47 MB, a fraction of a second).
-        _open_torchvision(name, spec, root, train=False, download=download)
+        folder = root / (spec.folder or "")
+        _check_labels(name, _open_torchvision(name, spec, root, train=False, download=download), folder)
+        train_size = None
         if spec.tv_class in ("MNIST", "FashionMNIST"):
-            _open_torchvision(name, spec, root, train=True, download=False)
-        info = _info(name, spec, size)
+            train_size = _check_labels(name, _open_torchvision(name, spec, root, train=True, download=False), folder)
+        info = _info(name, spec, size, train_size=train_size)
     logger.info("dataset %s ready: %d classes, %d channel(s), %dx%d inputs",
                 name, info.num_classes, info.in_channels, info.image_size, info.image_size)
     return info
@@ -723,8 +779,13 @@ def load_split(
 ) -> Split:
     """Load one split (train=True for a worker, False for the evaluator).
 
-    ``loader_workers`` only matters for imagefolder (DataLoader worker processes).
+    ``loader_workers`` only matters for data read through a DataLoader (imagefolder, a user's
+    Dataset): its worker processes.
     """
+    if ":" in name:  # a user's data factory, module:attr
+        from . import userdata
+
+        return userdata.split(name, train, torch.device(device), loader_workers, data_dir, image_size)
     spec = _check_name(name)
     size = _resolve_size(name, spec, image_size)
     dev = torch.device(device)

@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TrainConfig
@@ -82,13 +81,49 @@ class Evaluator:
         from .data import load_split
         from .models import build_model
 
+        from .worker import loss_function
+
         self.device = torch.device(device)
         self.data = load_split(config.dataset, config.data_dir, train=False, device=self.device,
-                               image_size=image_size)
+                               image_size=image_size, loader_workers=config.loader_workers)
         limit = config.eval_samples or len(self.data)
         self.subset = self.data.subset(limit, EVAL_SUBSET_SEED)
+        self.model_name = config.model
         self.state = flatten_(build_model(config.model, self.data.info), self.device)
         self.batch_size = config.eval_batch_size
+        self.loss_fn = loss_function(config)
+        self.metric_fn = None
+        if config.metric:
+            from .user import import_spec
+
+            self.metric_fn = import_spec(config.metric, "metric")
+        self.custom_loss = config.loss is not None
+
+    def trial(self) -> None:
+        """One forward pass on two test samples, in the main process, before any worker starts:
+        a model that rejects the data's inputs, or gives fewer outputs than the data has classes
+        (with the default classification loss), is refused in one line."""
+        from .config import ConfigError
+
+        model = self.state.module
+        x, y = next(iter(self.data.batches(2, drop_last=False)))
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as e:
+            raise ConfigError(f"--model {self.model_name} cannot take the inputs of "
+                              f"{self.data.info.name} (shape {tuple(x.shape)}): {type(e).__name__}: "
+                              f"{' '.join(str(e).split())}"[:400]) from None
+        if self.custom_loss:
+            return
+        classes = self.data.info.num_classes
+        if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ConfigError(f"--model {self.model_name} gives {tuple(getattr(out, 'shape', ()))} "
+                              "for a batch of 2, not [batch, classes] scores")
+        if out.shape[1] < classes:
+            raise ConfigError(f"--model {self.model_name} gives {out.shape[1]} scores, but the "
+                              f"labels of {self.data.info.name} go up to {classes - 1}")
 
     def _clock(self) -> float:
         # The thread's own CPU time measures what evaluation takes from the workers, whatever
@@ -107,16 +142,21 @@ class Evaluator:
         self.state.flat.copy_(flat)
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for x, y in data.batches(self.batch_size, drop_last=False):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-            count += y.numel()
-        loss, accuracy = loss_sum.item() / max(count, 1), correct.item() / max(count, 1)
+            out = model(x)
+            n = y.shape[0]
+            # Means over the batch, weighted by its size: the user's loss and metric are means.
+            loss_sum += self.loss_fn(out, y).double() * n
+            if self.metric_fn is None:
+                correct += (out.argmax(1) == y).sum()
+            else:
+                correct = correct + float(self.metric_fn(out, y)) * n
+            count += n
+        loss, accuracy = loss_sum.item() / max(count, 1), float(correct) / max(count, 1)
         return Evaluation(loss, accuracy, count, data is not self.data, self._clock() - start)
 
     def state_dict(self, flat: Tensor) -> dict[str, Tensor]:
@@ -132,6 +172,25 @@ class Cancelled(Exception):
 def record_fields(result: Evaluation) -> dict[str, Any]:
     return {"test_loss": result.loss, "test_accuracy": result.accuracy,
             "eval_samples": result.samples, "eval_subset": result.subset}
+
+
+EXTRA = "_extra"  # in a snapshot's fields: other models to evaluate beside it (name -> flat)
+
+
+def evaluate_record(evaluator: "Evaluator", snapshot: Tensor, meta: dict[str, Any],
+                    cancel: threading.Event | None, full: bool) -> tuple[dict[str, Any], float]:
+    """The record of one snapshot (its fields, the evaluation's, and ``<name>_test_accuracy``
+    of every extra model in it) and what evaluating it all cost."""
+    extras = meta.get(EXTRA) or {}
+    result = evaluator.evaluate(snapshot, cancel, full=full)
+    record = {k: v for k, v in meta.items() if k != EXTRA}
+    record.update(record_fields(result))
+    cost = result.cost
+    for name, flat in extras.items():
+        extra = evaluator.evaluate(flat, cancel, full=full)
+        record[f"{name}_test_accuracy"] = extra.accuracy
+        cost += extra.cost
+    return record, cost
 
 
 class SnapshotSpool:
@@ -211,7 +270,7 @@ class EvalScheduler:
         self.busy_cost = 0.0  # evaluation cost spent while the workers trained (live mode)
         self.taken = 0
         self.next_at = 0.0  # perf_counter time of the next snapshot
-        self.error: BaseException | None = None
+        self.failed: str | None = None  # an evaluation failed (one line): no more are taken
         self.cancel = threading.Event()
         self._pending: tuple[Tensor, dict[str, Any]] | None = None
         self._idle = threading.Event()
@@ -242,7 +301,11 @@ class EvalScheduler:
         """Evaluate ``flat`` once in this thread, as the run's snapshots will be (live: on the
         subset; deferred: on the whole test set), to learn what an evaluation costs here;
         nothing is recorded. Returns the cost."""
-        result = self.evaluator.evaluate(flat, full=self.deferred)
+        try:
+            result = self.evaluator.evaluate(flat, full=self.deferred)
+        except Exception as e:  # the run trains anyway; the failure is recorded
+            self._fail(e, {"seconds": 0.0, "samples": 0, "steps": [], "train_loss": None})
+            return 0.0
         self._observe(result.cost)
         return result.cost
 
@@ -252,10 +315,17 @@ class EvalScheduler:
 
     # -- while training ------------------------------------------------------------------
 
+    def _fail(self, error: BaseException, meta: dict[str, Any]) -> None:
+        """An evaluation failed: say so once, record it, take no more (the next would fail
+        the same way); training goes on."""
+        self.failed = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+        log.warning("evaluation failed (%s); training goes on without it", self.failed)
+        self.on_record({**{k: v for k, v in meta.items() if k != EXTRA}, "eval_error": self.failed})
+
     def tick(self, now: float, take: Callable[[], tuple[Tensor, dict[str, Any]]]) -> None:
         """Take a snapshot if one is due (and, live, the evaluator is free)."""
-        if self.error is not None:
-            raise self.error
+        if self.failed is not None or self.cancel.is_set():
+            return  # failed, or interrupted: the thread may be gone, nothing more to hand it
         if now < self.next_at or (not self.deferred and not self._idle.is_set()):
             return
         snapshot, meta = take()
@@ -285,14 +355,14 @@ class EvalScheduler:
                 snapshot, meta = self._pending
                 self._pending = None
             try:
-                result = self.evaluator.evaluate(snapshot, self.cancel, full=False)
-                self._observe(result.cost)
-                self.busy_cost += result.cost
-                self.on_record({**meta, **record_fields(result)})
+                record, cost = evaluate_record(self.evaluator, snapshot, meta, self.cancel, False)
+                self._observe(cost)
+                self.busy_cost += cost
+                self.on_record(record)
             except Cancelled:
                 return
-            except BaseException as e:  # handed to the main thread by tick()/finish()
-                self.error = e
+            except Exception as e:  # an unreadable test image: the run goes on without
+                self._fail(e, meta)
                 return
             finally:
                 self._idle.set()
@@ -301,20 +371,24 @@ class EvalScheduler:
 
     def finish(self, threads: int | None = None) -> None:
         """Training is over: live, wait for the evaluation under way; deferred, evaluate every
-        kept snapshot in order (with ``threads`` intra-op threads). Re-raises an evaluation
-        error."""
+        kept snapshot in order (with ``threads`` intra-op threads). Raises Cancelled when
+        ``cancel`` is set; a failure is recorded in ``failed``."""
         self._stop_thread(cancel=False)
-        if self.error is not None:
-            raise self.error
-        if not self.deferred:
+        if not self.deferred or self.failed is not None:
             return
         before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         try:
             for snapshot, meta in self.spool.drain():
-                result = self.evaluator.evaluate(snapshot, full=True)
-                self.on_record({**meta, **record_fields(result)})
+                try:
+                    record, _ = evaluate_record(self.evaluator, snapshot, meta, self.cancel, True)
+                except Cancelled:
+                    raise
+                except Exception as e:
+                    self._fail(e, meta)
+                    return
+                self.on_record(record)
         finally:
             torch.set_num_threads(before)
             self.spool.close()
@@ -329,7 +403,10 @@ class EvalScheduler:
             self.cancel.set()  # an evaluation under way stops at its next batch
         if self.thread is None:
             return
-        self._idle.wait()  # the evaluation under way, if any, completes (or is cancelled)
+        # The evaluation under way, if any, completes (or is cancelled); a thread that has
+        # already returned (cancelled) will not.
+        while self.thread.is_alive() and not self._idle.wait(0.05):
+            pass
         with self._wake:
             self._closed = True
             self._wake.notify()

@@ -29,9 +29,11 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .control import (BYTES, CHECKPOINT, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, GO, RESUME,
                       STOP, Done, Event, Failed, Ready, State, WorkerChannels, steps_budget)
-from .evaluate import EvalScheduler, Evaluator, compute_units, record_fields
+from .evaluate import EXTRA, EvalScheduler, Evaluator, compute_units, evaluate_record
 from .output import RunDir, RunLock, default_out
-from .worker import run_worker
+from .shared import LockTimeout, set_lock_timeout
+from .evaluate import Cancelled
+from .worker import INTERRUPTS, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,13 @@ POLL_SECONDS = 0.1  # how often the main process looks at its workers
 JOIN_GRACE_SECONDS = 5.0  # after stop: time a worker gets to exit before it is killed
 START_TIMEOUT_SECONDS = 600.0  # spawn + imports + data loading of the slowest worker
 STATE_TIMEOUT_SECONDS = 10.0  # how long a checkpoint waits for the workers' states
+LOCK_TIMEOUT_SECONDS = 2.0  # the main process never waits longer for a lock of shared state
+# A worker that makes no step for this long is declared dead (killed, replaced): at least
+# STALL_FLOOR seconds, and STALL_FACTOR times the longest pause between steps seen so far.
+STALL_FLOOR_SECONDS = 20.0
+STALL_FACTOR = 20.0
+# After STOP, workers get this long (or 3 of the longest pauses seen) to finish their step.
+STOP_GRACE_SECONDS = 5.0
 
 
 class TrainError(RuntimeError):
@@ -72,9 +81,18 @@ def prepare(config: TrainConfig, resuming: bool = False) -> tuple[RunDir, int, R
     config.validate()
     for note in config.algorithm.notes(config):
         log.warning("%s", note)
-    if config.model not in MODELS:
-        raise ConfigError(f"unknown --model {config.model!r}; choose one of {', '.join(MODELS)}")
-    info = prepare_dataset(config.dataset, config.data_dir, config.download)
+    if config.model not in MODELS and ":" not in config.model:
+        raise ConfigError(f"unknown --model {config.model!r}; choose one of {', '.join(MODELS)}, "
+                          "torchvision:NAME or module:factory")
+    for flag, spec in (("--model", config.model), ("--loss", config.loss), ("--metric", config.metric)):
+        if spec and ":" in spec and not spec.startswith("torchvision:"):
+            from .user import import_spec
+
+            import_spec(spec, flag)  # not found, missing, not callable: one line, now
+    info = prepare_dataset(config.dataset, config.data_dir, config.download, config.image_size)
+    if info.train_size is not None and config.batch_size > info.train_size:
+        raise ConfigError(f"--batch-size {config.batch_size} exceeds the {info.train_size} "
+                          f"training samples of {config.dataset}")
     image_size = model_input_size(config.model, info.image_size)
     if config.out is None:
         config.out = default_out(config.algo, config.workers)
@@ -137,6 +155,9 @@ class Run:
         self.eval_device = next((d for d in config.worker_devices if d.startswith("cuda")), "cpu")
         torch.manual_seed(config.seed)  # the initial weights every worker starts from
         self.evaluator = Evaluator(config, image_size, self.eval_device)
+        # A model that rejects the data's inputs, or has fewer outputs than the data has
+        # classes, is refused now, in one line, not by every worker after start-up.
+        self.evaluator.trial()
         init = self.evaluator.state.flat.detach().cpu()
         shared = self.algorithm.shared_state(config, init, self.evaluator.state.n_params)
         if resume is not None:
@@ -148,7 +169,9 @@ class Run:
         self.states: dict[int, bytes] = dict(resume["workers"]) if resume is not None else {}
         self.state_seq: dict[int, int] = {}  # the checkpoint each state answered
         self.checkpoint_seq = 0
-        self.restarts = int(resume["restarts"]) if resume is not None else 0
+        # A resumed run gets a fresh --max-restarts budget; the summary counts them all.
+        self.restarts_before = int(resume["restarts"]) if resume is not None else 0
+        self.restarts = 0
         self.restart_seconds: list[float] = []
         self.last_accuracy: float | None = None
         self.last_record: dict[str, Any] = {}
@@ -156,6 +179,12 @@ class Run:
         self.train_size = 0  # reported by the workers when ready
         self.signals = 0  # SIGINT/SIGTERM seen; the first is acted on between messages
         self.stopping = False
+        # Progress of each worker: (process, steps, when they last changed); the longest pause
+        # between steps seen while workers were healthy.
+        self.progress: dict[int, tuple[Any, int, float]] = {}
+        self.longest_pause = 0.0
+        self.stop_seen: float | None = None  # when STOP was first seen by the supervisor
+        self.metrics_lost = False
 
     # -- the whole run ---------------------------------------------------------------------
 
@@ -165,6 +194,7 @@ class Run:
         threads = torch.get_num_threads()
         if self.eval_device == "cpu":
             torch.set_num_threads(1)
+        set_lock_timeout(LOCK_TIMEOUT_SECONDS)
         handlers = self._catch_signals()
         try:
             for rank in range(config.workers):
@@ -199,6 +229,7 @@ class Run:
         finally:
             self.shutdown()
             self._restore_signals(handlers)
+            set_lock_timeout(None)
             torch.set_num_threads(threads)
             self.reporter.finished()
 
@@ -217,10 +248,12 @@ class Run:
 
         def on_signal(signum: int, frame: Any) -> None:
             self.signals += 1
+            if self.scheduler is not None:
+                self.scheduler.cancel.set()  # an evaluation under way stops at its next batch
             if self.signals > 1 and signum == signal.SIGINT:
                 self._kill_now()
 
-        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return {sig: signal.signal(sig, on_signal) for sig in INTERRUPTS}
 
     @staticmethod
     def _restore_signals(handlers: dict[int, Any]) -> None:
@@ -337,14 +370,71 @@ class Run:
             elapsed = now - self.t0
             if config.time_limit is not None and elapsed >= config.time_limit:
                 ch.control[STOP] = 1
+            self.watch(now)
             if not all(w.done for w in self.workers):
-                self.scheduler.tick(now, lambda: self.snapshot(elapsed))
+                try:
+                    self.scheduler.tick(now, lambda: self.snapshot(elapsed))
+                except LockTimeout as e:
+                    log.warning("snapshot skipped: %s", e)
             if now >= next_checkpoint:
                 self.checkpoint_now(elapsed)
                 next_checkpoint = time.perf_counter() + config.checkpoint_every
+                self.forget_pauses()  # the workers paused for it: no stall
             self.reporter.progress(int(ch.steps.sum()) * config.batch_size, elapsed,
                                    self.last_accuracy)
         return time.perf_counter() - self.t0
+
+    # -- stalls ------------------------------------------------------------------------------
+
+    def stall_timeout(self) -> float:
+        if self.config.stall_timeout is not None:
+            return self.config.stall_timeout
+        return max(STALL_FLOOR_SECONDS, STALL_FACTOR * self.longest_pause)
+
+    def forget_pauses(self) -> None:
+        """Restart every worker's no-progress clock (after a pause the main process caused)."""
+        now = time.perf_counter()
+        self.progress = {r: (proc, steps, now) for r, (proc, steps, _) in self.progress.items()}
+
+    def watch(self, now: float) -> None:
+        """Workers that make no progress: after STOP, one that does not finish within the
+        grace is killed (the run ends with what it has); before, one that makes no step for the
+        stall timeout is declared dead (killed, and replaced like any dead worker). Only the one
+        stalled longest is killed at a time: others may only be waiting for a lock it holds."""
+        steps = self.ch.steps.tolist()
+        stalled = []
+        for w in self.workers:
+            if w.done or not w.ready:
+                continue
+            seen = self.progress.get(w.rank)
+            if seen is None or seen[0] is not w.proc or steps[w.rank] != seen[1]:
+                if seen is not None and seen[0] is w.proc:
+                    self.longest_pause = max(self.longest_pause, now - seen[2])
+                self.progress[w.rank] = (w.proc, steps[w.rank], now)
+            else:
+                stalled.append((now - seen[2], w))
+        if self.ch.control[STOP]:
+            if self.stop_seen is None:
+                self.stop_seen = now
+            grace = max(STOP_GRACE_SECONDS, 3 * self.longest_pause)
+            if now - self.stop_seen > grace:
+                for w in self.workers:
+                    if not w.done and w.proc.is_alive():
+                        log.warning("worker %d did not stop within %.0f s; killing it (its state "
+                                    "from the last checkpoint is kept)", w.rank, grace)
+                        w.proc.kill()
+            return
+        if stalled:
+            # The one holding a lock first (the others may be waiting for it), then the one
+            # stalled longest.
+            holders = self.ch.shared.lock_holders()
+            pause, w = max(stalled, key=lambda item: (item[1].proc.pid in holders, item[0]))
+            timeout = self.stall_timeout()
+            if pause > timeout:
+                log.warning("worker %d made no step for %.0f s (--stall-timeout %.0f s); "
+                            "declaring it dead", w.rank, pause, timeout)
+                w.proc.kill()
+                self.forget_pauses()
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -370,36 +460,60 @@ class Run:
                 log.warning("checkpoint: worker(s) %s did not answer within %.0f s; their older "
                             "states are kept", sorted(waiting), STATE_TIMEOUT_SECONDS)
             payload = self.checkpoint_payload(elapsed)
+        except LockTimeout as e:
+            log.warning("checkpoint skipped: %s", e)
+            return
         finally:
             self.ch.control[RESUME] = seq  # the copies are taken: the workers go on
-        self.checkpointer.save(payload)
+        self.write_checkpoint(payload)
 
     def checkpoint_payload(self, elapsed: float) -> dict[str, Any]:
         return {"algorithm": self.algorithm.state_dict(self.ch.shared),
                 "steps": self.ch.steps.clone(), "counters": self.ch.counters.clone(),
                 "losses": self.ch.losses.clone(), "workers": dict(self.states),
-                "elapsed": elapsed, "restarts": self.restarts}
+                "elapsed": elapsed, "restarts": self.restarts_before + self.restarts}
 
     def save_checkpoint(self, elapsed: float) -> None:
-        self.checkpointer.save(self.checkpoint_payload(elapsed))
+        try:
+            payload = self.checkpoint_payload(elapsed)
+        except LockTimeout as e:
+            log.warning("checkpoint skipped: %s", e)
+            return
+        self.write_checkpoint(payload)
+
+    def write_checkpoint(self, payload: dict[str, Any]) -> None:
+        """Write it; a full disk (or any write error) keeps the previous one and says so."""
+        try:
+            self.checkpointer.save(payload)
+        except OSError as e:
+            log.warning("checkpoint not written (%s); the previous one is kept in %s",
+                        e.strerror or e, self.checkpointer.dir)
 
     # -- evaluation --------------------------------------------------------------------------
 
     def snapshot(self, elapsed: float) -> tuple[torch.Tensor, dict[str, Any]]:
         """The reported model now, with the metric fields known at this moment."""
         snapshot = self.reported()
+        extra = self.algorithm.also_reported(self.ch.shared, self.config)
         steps = self.ch.steps.tolist()
         losses = [x for x in self.ch.losses.tolist() if x == x]  # drop NaN: no report yet
-        return snapshot, {"seconds": round(elapsed, 3),
-                          "samples": sum(steps) * self.config.batch_size, "steps": steps,
-                          "train_loss": sum(losses) / len(losses) if losses else None}
+        meta = {"seconds": round(elapsed, 3), "samples": sum(steps) * self.config.batch_size,
+                "steps": steps, "train_loss": sum(losses) / len(losses) if losses else None}
+        if extra:
+            meta[EXTRA] = extra
+        return snapshot, meta
 
     def record(self, record: dict[str, Any]) -> None:
-        """One evaluated snapshot: metrics.jsonl, the progress display, the accuracy target."""
-        record = {k: record[k] for k in ("seconds", "samples", "steps", "test_loss",
-                                         "test_accuracy", "train_loss", "eval_samples",
-                                         "eval_subset")}
-        self.out.append_metrics(record)
+        """One evaluated snapshot (or a failed evaluation): metrics.jsonl, the progress
+        display, the accuracy target."""
+        keys = ("seconds", "samples", "steps", "train_loss")
+        if "eval_error" in record:
+            self.append_metrics({**{k: record[k] for k in keys}, "eval_error": record["eval_error"]})
+            return
+        record = {k: record[k] for k in (*keys, "test_loss", "test_accuracy", "eval_samples",
+                                         "eval_subset")
+                  } | {k: v for k, v in record.items() if k.endswith("_test_accuracy")}
+        self.append_metrics(record)
         self.last_record = record
         self.last_accuracy = record["test_accuracy"]
         self.reporter.evaluated(record)
@@ -407,18 +521,48 @@ class Run:
         if target is not None and record["test_accuracy"] >= target:
             self.ch.control[STOP] = 1
 
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        try:
+            self.out.append_metrics(record)
+        except OSError as e:
+            if not self.metrics_lost:
+                log.warning("cannot append to metrics.jsonl (%s); records are lost until it "
+                            "can be written again", e.strerror or e)
+            self.metrics_lost = True
+
     # -- the end -----------------------------------------------------------------------------
 
     def finish(self, startup: float, train_seconds: float) -> dict[str, Any]:
         """After training: the model first (nothing after it can cost the trained model), the
-        checkpoint, then the evaluations still due and the final one, on the whole test set."""
+        checkpoint, then the evaluations still due and the final one, on the whole test set.
+
+        An interrupt now stops the evaluation and leaves (exit 130) with the model and the
+        checkpoint saved. An evaluation that fails is recorded as failed in the summary; the run
+        then ends with that error in one line (exit 1), the model and checkpoint saved."""
         config, ch, scheduler = self.config, self.ch, self.scheduler
         ended = time.perf_counter()
         snapshot, final = self.snapshot(train_seconds)
-        self.out.save_state_dict("center.pt", self.evaluator.state_dict(snapshot))
+        try:
+            self.out.save_state_dict("center.pt", self.evaluator.state_dict(snapshot))
+        except OSError as e:
+            raise TrainError(f"cannot write {self.out.path / 'center.pt'}: {e.strerror or e}") from None
         self.save_checkpoint(train_seconds)
-        scheduler.finish(threads=scheduler.units if self.evaluator.device.type == "cpu" else None)
-        self.record({**final, **record_fields(self.evaluator.evaluate(snapshot))})
+        eval_error = scheduler.failed
+        try:
+            if self.signals:
+                raise Cancelled()
+            scheduler.finish(threads=scheduler.units if self.evaluator.device.type == "cpu" else None)
+            if scheduler.failed is None:
+                record, _ = evaluate_record(self.evaluator, snapshot, final, scheduler.cancel, True)
+                self.record(record)
+        except Cancelled:
+            log.warning("interrupted during the final evaluation: center.pt and the checkpoint "
+                        "are saved in %s", self.out.path)
+            raise KeyboardInterrupt from None
+        except Exception as e:  # an unreadable test image, a broken data set
+            eval_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            log.debug("evaluation failed", exc_info=True)
+        eval_error = eval_error or scheduler.failed
         counters = ch.counters.sum(0).tolist()
         samples = int(ch.steps.sum()) * config.batch_size
         summary = {
@@ -426,18 +570,21 @@ class Run:
             "tau": config.tau, "alpha": config.resolved_alpha,
             "momentum": config.resolved_momentum, "options": dict(config.resolved_options),
             "lr": config.lr, "batch_size": config.batch_size, "weight_decay": config.weight_decay,
-            "dataset": config.dataset, "model": config.model, "lock": config.lock,
+            "dataset": config.dataset, "model": config.model, "image_size": self.image_size,
+            "lock": config.lock,
             "steps_per_worker": ch.steps.tolist(), "total_samples": samples,
             "startup_seconds": round(startup, 3), "train_seconds": round(train_seconds, 3),
             "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
             "exchanges": int(counters[EXCHANGES]), "bytes_exchanged": int(counters[BYTES]),
             "exchange_fraction": counters[EXCHANGE_SECONDS] / (config.workers * train_seconds)
             if train_seconds > 0 else 0.0,
-            "worker_restarts": self.restarts, "restart_seconds": self.restart_seconds,
+            "worker_restarts": self.restarts_before + self.restarts,
+            "restart_seconds": self.restart_seconds,
             "divergences": int(counters[DIVERGENCES]),
-            "final_test_accuracy": self.last_record["test_accuracy"],
-            "final_test_loss": self.last_record["test_loss"],
+            "final_test_accuracy": None if eval_error else self.last_record["test_accuracy"],
+            "final_test_loss": None if eval_error else self.last_record["test_loss"],
             "final_train_loss": final["train_loss"],
+            "eval_error": eval_error,
             # Evaluation: what it cost while the workers trained, as a share of the run's
             # compute (cores or GPUs), how far apart the snapshots were, any not evaluated.
             "eval_deferred": scheduler.deferred, "eval_snapshots": scheduler.taken,
@@ -449,7 +596,14 @@ class Run:
             # From the end of training to this summary: deferred evaluations, the final one.
             "finish_seconds": round(time.perf_counter() - ended, 3),
         }
-        self.out.write_json("summary.json", summary)
+        try:
+            self.out.write_json("summary.json", summary)
+        except OSError as e:
+            raise TrainError(f"cannot write {self.out.path / 'summary.json'}: {e.strerror or e}; "
+                             "center.pt is saved") from None
+        if eval_error:
+            raise TrainError(f"evaluation failed ({eval_error}); the trained model is saved in "
+                             f"{self.out.path / 'center.pt'}")
         return summary
 
     def stop_workers(self, wait: float = JOIN_GRACE_SECONDS - 1.0) -> None:

@@ -32,8 +32,9 @@ PAPER_INPUT_SIZE = 28  # the paper trains on random 28x28 crops of the 32x32 ima
 
 
 def _check_name(name: str) -> None:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if name not in MODELS and ":" not in name:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, "
+                         "torchvision:NAME or module:factory")
 
 
 def model_input_size(name: str, native_size: int) -> int:
@@ -42,6 +43,57 @@ def model_input_size(name: str, native_size: int) -> int:
     if name == "cifar-paper":
         return PAPER_INPUT_SIZE
     return native_size
+
+
+TORCHVISION = "torchvision:"
+
+
+def torchvision_classifiers() -> list[str]:
+    """The classification models of torchvision.models (not detection, segmentation, video)."""
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+class RepeatChannels(nn.Module):
+    """Feeds a model made for ``channels`` input channels with fewer (grayscale digits to a
+    3-channel torchvision model): the input's channels are repeated."""
+
+    def __init__(self, model: nn.Module, channels: int):
+        super().__init__()
+        self.model, self.channels = model, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            x = x.repeat(1, self.channels // x.shape[1] + 1, 1, 1)[:, : self.channels]
+        return self.model(x)
+
+
+def _torchvision_model(name: str, info: DatasetInfo) -> nn.Module:
+    from .config import ConfigError
+
+    import torchvision.models
+
+    known = torchvision_classifiers()
+    if name not in known:
+        raise ConfigError(f"--model torchvision:{name}: not a classification model of "
+                          f"torchvision (e.g. {', '.join(known[:6])}, ...)")
+    # No weights: there is no network here, and EASGD starts every worker from the same
+    # random initialisation anyway.
+    model = torchvision.models.get_model(name, weights=None, num_classes=info.num_classes)
+    return RepeatChannels(model, 3) if info.in_channels != 3 else model
+
+
+def _user_model(spec: str, info: DatasetInfo) -> nn.Module:
+    from .config import ConfigError
+    from .user import call_with_known, import_spec
+
+    factory = import_spec(spec, "--model")
+    model = call_with_known(factory, "--model", num_classes=info.num_classes,
+                            in_channels=info.in_channels, image_size=info.image_size)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 class SimpleCNN(nn.Module):
@@ -133,12 +185,19 @@ def _resnet18(info: DatasetInfo) -> nn.Module:
 def build_model(name: str, info: DatasetInfo) -> nn.Module:
     """Build a freshly initialised float32 model for the dataset described by ``info``."""
     _check_name(name)
-    if name == "cnn":
-        model: nn.Module = SimpleCNN(info.in_channels, info.num_classes, info.image_size)
+    if name.startswith(TORCHVISION):
+        model: nn.Module = _torchvision_model(name[len(TORCHVISION):], info)
+    elif ":" in name:
+        model = _user_model(name, info)
+    elif name == "cnn":
+        model = SimpleCNN(info.in_channels, info.num_classes, info.image_size)
     elif name == "cifar-paper":
         model = PaperCifarNet(info.in_channels, info.num_classes, info.image_size)
     else:
         model = _resnet18(info)
+    from .flat import check_flattenable
+
+    check_flattenable(model)  # before the cast, which would drop a complex part silently
     model = model.to(torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     logger.debug("built %s for %s: %d parameters", name, info.name, n_params)

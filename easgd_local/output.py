@@ -86,6 +86,12 @@ class RunDir:
 
     def create(self) -> None:
         """Make the directory, refusing one that already holds a run's results."""
+        try:
+            self._create()
+        except OSError as e:  # a name too long, a component that is a file, no permission
+            raise OutputError(f"cannot use --out {self.path}: {e.strerror or e}") from None
+
+    def _create(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"--out {self.path} exists and is not a directory")
         existing = [n for n in RESULT_FILES if (self.path / n).exists()]

@@ -98,3 +98,45 @@ def current_x(y: Tensor, v: Tensor | None, momentum: float) -> Tensor:
     x = y.clone()
     x[: v.numel()].sub_(v, alpha=momentum)
     return x
+
+
+# --- dynamic weighting (this project's own rule) -----------------------------------------------
+#
+# The seed (Xu and Carr, "A Dynamic Weighting Strategy to Mitigate Worker Node Failure in
+# Distributed Deep Learning", arXiv 2409.09242) weights each worker's elastic contribution by how
+# current and healthy it is; its formula could not be recovered, so this rule is ours, toward
+# that goal: a straggler or a failed worker must not drag the center.
+#
+# Everything is counted in center updates (exchanges), not seconds, so it holds on any machine.
+# At its exchange, worker i has been away for k_i updates of the others. A worker of median
+# speed sees about p - 1 between two of its own (each other worker exchanges once); call the
+# median of the workers' last staleness m, at least p - 1.
+#
+# - A straggler exchanges rarely, so its parameters drifted for many of the center's updates
+#   and its pull is stale: its moving rate is weighted by w_i = min(1, m / k_i), so a worker
+#   five times slower than the median pulls with a fifth of the rate.
+# - A failed worker (dead, hung, not yet restarted) stops exchanging. beta = p * alpha assumes p
+#   contributors; with one missing, the center would move slower. A worker counts as live while
+#   its last exchange is within 4 m updates; the rate is beta / (live workers), so beta is kept
+#   over the workers that are there.
+# - A worker that returns from a restart (from the center) has its clock reset: k_i starts
+#   small and it rejoins at full weight.
+#
+#     alpha_i = (beta / live) * min(1, m / k_i)
+
+
+DEAD_AFTER_MEDIANS = 4.0  # a worker is live while it last exchanged within this many medians
+
+
+def dynamic_rate(beta: float, k_i: int, staleness: list[int], others: list[int], workers: int) -> float:
+    """The moving rate of a worker that has been away for ``k_i`` center updates.
+
+    ``staleness``: each worker's k at its last exchange (0: none yet); ``others``: updates since
+    each *other* worker last exchanged; ``workers``: p, the workers tied to this center. The
+    worker exchanging now is live.
+    """
+    seen = sorted(k for k in staleness if k > 0)
+    median = max(float(workers - 1), seen[len(seen) // 2] if seen else 0.0, 1.0)
+    live = 1 + sum(1 for age in others if age <= DEAD_AFTER_MEDIANS * median)
+    weight = min(1.0, median / max(k_i, 1))
+    return beta / max(live, 1) * weight

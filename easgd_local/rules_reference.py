@@ -154,3 +154,38 @@ class ReferenceLSGD:
             w.x[k] = w.x[k] - self.lr * grad[k].double()
         self.recent[i].append(loss)
         w.t += 1
+
+
+class ReferenceGossip:
+    """Elastic Gossip (``symmetric``) or Gossiping SGD's pull, round-robin, literally: at each
+    period a worker publishes its pre-step x and, with probability ``prob``, picks a peer j
+    (``choose``) and takes d = alpha (x_i - x_j) with x_j the peer's last publication; after
+    its own step it moves by -d and, symmetric, j moves by +d after j's own next step."""
+
+    def __init__(self, x0: list[Tensor], workers: int, *, lr: float, alpha: float, period: int,
+                 symmetric: bool, choose: Callable[[int], int | None]):
+        self.workers = [ReferenceWorker(x0, len(x0)) for _ in range(workers)]
+        self.slots = [[t.clone().double() for t in x0] for _ in range(workers)]
+        self.inbox = [[torch.zeros_like(t).double() for t in x0] for _ in range(workers)]
+        self.lr, self.alpha, self.period, self.symmetric = lr, alpha, period, symmetric
+        self.choose = choose
+
+    def step(self, i: int, grad_fn: GradFn) -> None:
+        w = self.workers[i]
+        point = [x.clone() for x in w.x]
+        grad = grad_fn([p.float() for p in point], i, w.t)
+        d = None
+        if w.t % self.period == 0:
+            self.slots[i] = [x.clone() for x in w.x]
+            j = self.choose(i)
+            if j is not None:
+                d = [self.alpha * (w.x[k] - self.slots[j][k]) for k in range(len(w.x))]
+                if self.symmetric:
+                    self.inbox[j] = [a + b for a, b in zip(self.inbox[j], d)]
+        for k in range(len(w.x)):
+            w.x[k] = w.x[k] - self.lr * grad[k].double()
+            if d is not None:
+                w.x[k] = w.x[k] - d[k]
+            w.x[k] = w.x[k] + self.inbox[i][k]
+        self.inbox[i] = [torch.zeros_like(t) for t in self.inbox[i]]
+        w.t += 1

@@ -25,6 +25,35 @@ import torch
 from torch import Tensor
 
 
+# How long the main process waits for a lock before giving up (None: forever, as workers do).
+# The main process supervises: a worker stopped (SIGSTOP) while holding a lock must not freeze it.
+_lock_timeout: float | None = None
+
+
+def set_lock_timeout(seconds: float | None) -> None:
+    """Bound every lock wait of this process (the main process sets it; workers never do)."""
+    global _lock_timeout
+    _lock_timeout = seconds
+
+
+class LockTimeout(RuntimeError):
+    """A lock was not free within the main process's timeout; ``str()`` is one line."""
+
+
+class _TimedGuard:
+    def __init__(self, lock: "ProcessLock", timeout: float):
+        self.lock, self.timeout = lock, timeout
+
+    def __enter__(self) -> "ProcessLock":
+        if not self.lock.acquire(self.timeout):
+            raise LockTimeout(f"shared state stayed locked for {self.timeout:g} s (a worker "
+                              "stopped or hung while holding it?)")
+        return self.lock
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.__exit__()
+
+
 class ProcessLock:
     """A lock between processes that a dead holder cannot keep: a POSIX record lock (fcntl).
 
@@ -89,21 +118,27 @@ class SharedTensor:
     def __init__(self, init: Tensor, lock: ProcessLock | None, dtype: torch.dtype = torch.float32):
         self.data = init.detach().to("cpu", dtype).clone().share_memory_()
         self.lock = lock
-        self.crash_in_lock = False  # fault injection (tests): die halfway through an addition
+        # Fault injection (tests): die (True, or 9) or freeze (19, SIGSTOP) halfway through an
+        # addition, with the lock held.
+        self.crash_in_lock: bool | int = False
 
     @property
     def numel(self) -> int:
         return self.data.numel()
 
     def guard(self) -> contextlib.AbstractContextManager:
-        return self.lock if self.lock is not None else contextlib.nullcontext()
+        if self.lock is None:
+            return contextlib.nullcontext()
+        if _lock_timeout is not None:
+            return _TimedGuard(self.lock, _lock_timeout)
+        return self.lock
 
     def add_(self, d: Tensor, under_lock: Callable[[], Any] | None = None) -> Any:
         """data += d, atomically with respect to other guarded writers; ``under_lock`` runs in
         the same critical section (its result is returned)."""
         with self.guard():
             if self.crash_in_lock:
-                crash_halfway(self.data, d)
+                crash_halfway(self.data, d, crash_signal(self.crash_in_lock))
             self.data.add_(d)
             return under_lock() if under_lock is not None else None
 
@@ -118,11 +153,16 @@ class SharedTensor:
             return self.data.clone()
 
 
-def crash_halfway(data: Tensor, d: Tensor) -> None:
-    """Fault injection: add half of ``d``, then die by SIGKILL with the lock held."""
+def crash_halfway(data: Tensor, d: Tensor, signum: int = 9) -> None:
+    """Fault injection: add half of ``d``, then SIGKILL (die) or SIGSTOP (freeze) with the lock
+    held."""
     half = d.numel() // 2
     data[:half].add_(d[:half])
-    os.kill(os.getpid(), 9)  # no handler, no cleanup, the lock still held
+    os.kill(os.getpid(), signum)  # no handler, no cleanup, the lock still held
+
+
+def crash_signal(crash: bool | int) -> int:
+    return 9 if crash is True else int(crash)
 
 
 class SharedState:
@@ -168,6 +208,26 @@ class SharedState:
             raise KeyError(f"saved state has no {', '.join(missing)}")
         for name, entry in self.entries.items():
             entry.copy_(state[name])
+
+    def lock_holders(self) -> set[int]:
+        """The pids that hold one of this state's locks now, as the kernel lists them in
+        /proc/locks (empty where that cannot be read)."""
+        inodes = set()
+        for entry in self.entries.values():
+            if entry.lock is not None and entry.lock.fd >= 0:
+                inodes.add(os.fstat(entry.lock.fd).st_ino)
+        holders = set()
+        try:
+            with open("/proc/locks") as f:
+                for line in f:
+                    fields = line.split()
+                    # "1: POSIX  ADVISORY  WRITE 4321 00:1a:12345 0 EOF" (blocked waiters: "->")
+                    if len(fields) >= 6 and fields[1] != "->" and fields[4].isdigit():
+                        if int(fields[5].rsplit(":", 1)[-1]) in inodes:
+                            holders.add(int(fields[4]))
+        except (OSError, ValueError):
+            pass
+        return holders
 
     def close(self) -> None:
         """Release the locks' descriptors (the tensors go with the last process that maps

@@ -28,7 +28,7 @@ from .checkpoint import unpack_state
 from .config import TrainConfig, cpu_threads_per_worker
 from .control import (BYTES, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, Done, Event, Failed,
                       ParentGone, Ready, State, WorkerChannels, check_parent, steps_budget)
-from .flat import check_views, flatten_
+from .flat import detached, flatten_
 from .shared import SharedState
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ PARENT_CHECK_EVERY = 50  # steps between checks that the main process is still a
 
 
 FAULT_ENV = "EASGD_LOCAL_FAULT"  # "rank:step:kind" for tests; see _Fault
+# The signals that end a run the way Ctrl-C does.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Re-exported for callers that knew them here.
 __all__ = ["FAULT_ENV", "WorkerChannels", "run_worker", "steps_budget"]
@@ -47,9 +49,11 @@ def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, pa
     """Entry point of a spawned worker. Reports through ``conn`` (its own pipe to the main
     process) instead of raising. ``incarnation`` > 0: a restart after the previous process of
     this rank died; ``resume``: a saved worker state to continue from."""
-    # Ctrl-C reaches the whole process group; the main process alone decides how the run
-    # ends and tells the workers through STOP, so a worker never dies mid-exchange.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, and SIGTERM/SIGHUP from `timeout`, systemd, Slurm or a closed terminal, reach
+    # the whole process group; the main process alone decides how the run ends and tells the
+    # workers through STOP, so a worker never dies mid-exchange with a stale state.
+    for sig in INTERRUPTS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         worker = Worker(rank, config, ch, conn, parent_pid, image_size, incarnation)
         conn.send(Done(rank, worker.train(resume)))
@@ -65,43 +69,88 @@ def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, pa
 class _Fault:
     """Fault injection for tests: EASGD_LOCAL_FAULT="rank:step:kind[,...]" makes the first
     process of that rank fail at that local step. Kinds: exit (exit code 3), kill (SIGKILL),
-    kill-in-lock (SIGKILL halfway through adding to shared state, lock held), nan (the worker's
-    parameters become NaN), hang (stop making progress), and drift:S (from that step on, the
+    slow:F (from that step on, F times slower: a sleep per step), pause:S (stop S seconds,
+    then go on), kill-in-lock (SIGKILL halfway through adding to shared state, lock held),
+    stop-in-lock (the
+    same with SIGSTOP: frozen, holding the lock), nan (the worker's
+    parameters become NaN), hang (stop making progress), raise (an error in the worker), and
+    drift:S (from that step on, the
     local step is replaced by adding S to every parameter: a known, data-free move, so that sums
     over workers and shared state can be checked exactly)."""
 
-    def __init__(self, rank: int, incarnation: int):
+    def __init__(self, rank: int, incarnation: int, spec: str | None = None):
         self.at: dict[int, str] = {}
         self.drift: float | None = None  # the local step's replacement, once it applies
-        self._drift_from: tuple[int, float] | None = None
+        self.slow: float = 1.0  # this rank runs this many times slower (a sleep per step)
+        self._from: dict[str, tuple[int, float]] = {}  # drift, slow: from a step on
         if incarnation:
             return  # a restarted worker runs clean, or a test would crash it forever
-        for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-            r, step, kind = item.split(":", 2)
-            if int(r) != rank:
+        items = [*filter(None, os.environ.get(FAULT_ENV, "").split(",")),
+                 *filter(None, (spec or "").split(","))]
+        for item in items:
+            r, step, kind = parse_fault(item)
+            if r != rank:
                 continue
-            if kind.startswith("drift:"):
+            name, _, value = kind.partition(":")
+            if name in ("drift", "slow"):
                 # From that step on, also in a resumed run (whose steps start later).
-                self._drift_from = (int(step), float(kind.split(":", 1)[1]))
+                self._from[name] = (step, float(value))
             else:
-                self.at[int(step)] = kind
+                self.at[step] = kind
 
     def __call__(self, step: int, y: torch.Tensor, shared: SharedState) -> None:
-        if self._drift_from is not None and step >= self._drift_from[0]:
-            self.drift = self._drift_from[1]
+        for name, (start, value) in self._from.items():
+            if step >= start:
+                setattr(self, name, value)
         kind = self.at.get(step)
+        if kind is not None and kind.startswith("pause:"):
+            time.sleep(float(kind.split(":", 1)[1]))
         if kind == "exit":
             os._exit(3)
         elif kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "kill-in-lock":
+        elif kind in ("kill-in-lock", "stop-in-lock"):
             for name in shared:
-                shared[name].crash_in_lock = True
+                shared[name].crash_in_lock = signal.SIGKILL if kind == "kill-in-lock" else signal.SIGSTOP
         elif kind == "nan":
             y.fill_(float("nan"))
         elif kind == "hang":
             while True:
                 time.sleep(1)
+        elif kind == "raise":
+            raise RuntimeError(f"injected fault at step {step}")
+
+
+FAULT_KINDS = ("exit", "kill", "kill-in-lock", "stop-in-lock", "nan", "hang", "raise", "drift",
+               "slow", "pause")
+
+
+def parse_fault(item: str) -> tuple[int, int, str]:
+    """"rank:step:kind[:value]" -> (rank, step, kind); ValueError with one line if malformed."""
+    parts = item.strip().split(":", 2)
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        raise ValueError(f"a fault is rank:step:kind (got {item!r})")
+    kind = parts[2]
+    name, _, value = kind.partition(":")
+    if name not in FAULT_KINDS:
+        raise ValueError(f"unknown fault kind {name!r} in {item!r}; one of {', '.join(FAULT_KINDS)}")
+    if name in ("drift", "slow", "pause"):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"fault {name} needs a number ({name}:X) (got {item!r})") from None
+        if not math.isfinite(number) or (name != "drift" and number <= 0):
+            raise ValueError(f"fault {name} needs a finite positive number (got {item!r})")
+    return int(parts[0]), int(parts[1]), kind
+
+
+def loss_function(config: TrainConfig) -> Any:
+    """--loss (module:attr), or cross-entropy: classification is the task by default."""
+    if config.loss:
+        from .user import import_spec
+
+        return import_spec(config.loss, "loss")
+    return F.cross_entropy
 
 
 def _pack(obj: Any) -> bytes:
@@ -130,7 +179,8 @@ class Worker:
         # dropout and other model randomness; a restarted worker draws fresh numbers
         torch.manual_seed(config.seed + rank + 1000 * incarnation)
         self.data = load_split(config.dataset, config.data_dir, train=True, device=self.device,
-                               image_size=image_size)
+                               image_size=image_size, loader_workers=config.loader_workers)
+        self.loss_fn = loss_function(config)
         self.state = flatten_(build_model(config.model, self.data.info), self.device)
         self.state.module.train()
         self.y = self.state.flat
@@ -141,7 +191,7 @@ class Worker:
         self.forward = self.comm.wrap(self.state.module)
         self.gen = torch.Generator().manual_seed(config.seed + rank + 1000 * incarnation)  # data order
         self.step = int(ch.steps[rank])  # a restarted worker continues its rank's count
-        self.fault = _Fault(rank, incarnation)
+        self.fault = _Fault(rank, incarnation, config.faults)
         self.reported = [0.0, 0.0, 0.0]  # exchanges, bytes, seconds already in ch.counters
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
@@ -196,11 +246,15 @@ class Worker:
         while running:
             epoch_start = self.step
             for x, target in self.data.batches(self.config.batch_size, generator=self.gen):
+                started = time.perf_counter()
                 if not self.one_step(x, target):
                     running = False
                     break
-                if self.step - epoch_start == 1 and not check_views(self.state):
-                    raise RuntimeError(f"model {self.config.model} detached its parameters from the flat buffer")
+                if self.fault.slow > 1:  # an injected straggler: F times the step's time
+                    time.sleep((self.fault.slow - 1) * (time.perf_counter() - started))
+                if self.step - epoch_start == 1 and (lost := detached(self.state)) is not None:
+                    raise RuntimeError(f"model {self.config.model} detached {lost} from the flat "
+                                       "buffer (it replaced a parameter or set .grad to None)")
                 self.between_steps()
                 # Synchronous algorithms agree on stopping at their barrier instead.
                 if (budget is not None and self.step >= budget) or (
@@ -216,7 +270,7 @@ class Worker:
         """Gradient, communication, local step. False: the workers agreed to stop."""
         self.fault(self.step, self.y, self.ch.shared)
         self.state.grad.zero_()
-        loss = F.cross_entropy(self.forward(x), target)
+        loss = self.loss_fn(self.forward(x), target)
         loss.backward()
         rules.add_weight_decay_(self.state.grad, self.y, self.config.weight_decay)
         try:

@@ -277,6 +277,23 @@ def test_mnist_truncated_file_is_data_error(tmp_path: Path) -> None:
     assert "MNIST" in _assert_one_line_data_error(excinfo)
 
 
+def test_mnist_label_count_mismatch_is_data_error(tmp_path: Path) -> None:
+    """12 test images but 11 labels: torchvision reads both without a word; refused here in
+    one line, before any worker starts."""
+    _make_mnist(tmp_path, "MNIST")
+    _write_idx(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", (np.arange(11) % 10).astype(np.uint8))
+    with pytest.raises(DataError) as excinfo:
+        prepare_dataset("mnist", tmp_path, download=False)
+    message = _assert_one_line_data_error(excinfo)
+    assert "12 images but 11 labels" in message
+
+
+def test_prepare_knows_the_training_size(tmp_path: Path) -> None:
+    _make_mnist(tmp_path, "MNIST", n_train=20)
+    assert prepare_dataset("mnist", tmp_path, download=False).train_size == 20
+    assert prepare_dataset("mnist10k", tmp_path, download=False).train_size == 8000
+
+
 # ---------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 in the python-pickle layout
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 from easgd_local.config import TrainConfig
 from easgd_local.data import load_split
-from easgd_local.evaluate import EvalScheduler, Evaluation, SnapshotSpool
+from easgd_local.evaluate import Cancelled, EvalScheduler, Evaluation, SnapshotSpool
 from easgd_local.launcher import train
 
 from .helpers import assert_no_leftovers, leftovers_snapshot
@@ -27,6 +27,8 @@ class FakeEvaluator:
     def evaluate(self, flat, cancel=None, full=True):
         if self.gate is not None:
             self.gate.wait(10)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()  # as the real one does between batches
         self.seen.append((float(flat[0]), full))
         return Evaluation(1.0, 0.5, 10, not full, self.cost)
 
@@ -159,3 +161,21 @@ def test_default_spacing_keeps_evaluation_near_its_budget(tmp_path):
     assert s["eval_snapshots"] >= 1
     assert s["eval_share"] < 2 * 0.1, s
     assert os.listdir(config.out).count(".snapshots") == 0
+
+
+def test_a_cancelled_evaluator_never_holds_up_the_shutdown(tmp_path):
+    """Interrupted: the thread stops at the cancel; a snapshot due just after must not be handed
+    to it (nobody would take it, and closing would wait for it forever)."""
+    gate = threading.Event()
+    s = _scheduler(tmp_path, FakeEvaluator(gate=gate), every=0.0)
+    s.start(time.perf_counter())
+    s.tick(time.perf_counter(), lambda: (torch.zeros(4), {"seconds": 0.0}))
+    s.cancel.set()  # the signal
+    gate.set()
+    s.thread.join(5)
+    taken = s.taken
+    s.tick(time.perf_counter(), lambda: (torch.zeros(4), {"seconds": 1.0}))
+    assert s.taken == taken
+    done = threading.Event()
+    threading.Thread(target=lambda: (s.close(), done.set()), daemon=True).start()
+    assert done.wait(5)

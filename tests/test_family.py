@@ -52,9 +52,11 @@ def loss_oracle(point, worker, step):
     return float((_flat(point) ** 2).mean()) + 0.37 * worker + 0.01 * step
 
 
-def _communicators(algo, workers, **options):
+def _communicators(algo, workers, seed=3, **options):
+    """The real shared state and communicators of ``algo`` in this process, on CPU, each worker
+    started (the round-robin tests drive them)."""
     config = TrainConfig(algo=algo, workers=workers, options=options, lr=0.05, tau=2).validate()
-    x0 = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    x0 = torch.randn(N, generator=torch.Generator().manual_seed(seed))
     algorithm = get(algo)
     shared = algorithm.shared_state(config, x0, N)
     channels = types.SimpleNamespace(shared=shared)

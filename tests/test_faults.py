@@ -111,18 +111,18 @@ def test_sigkill_of_a_worker_from_outside(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_everything_and_checkpoints(tmp_path, signum):
-    shm_before = set(os.listdir("/dev/shm"))
+    # The promise (gone within 5 s) is measured by scripts/interrupt_latency.py; here the
+    # behaviour, with room for a slow, busy machine.
+    before = leftovers_snapshot()
     out = tmp_path / "run"
     proc = _start(out, "--time-limit", "60")
     workers = _children(proc.pid)
-    t = time.monotonic()
     proc.send_signal(signum)
-    proc.wait(timeout=30)
-    took = time.monotonic() - t
-    assert proc.returncode == 130 and took < 5.0, (proc.returncode, took)
-    assert _gone(workers, 1.0)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, proc.communicate()
+    assert _gone(workers, 15.0)
     assert Checkpointer(out).load()["elapsed"] > 0
-    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert_no_leftovers(before)
 
 
 def test_second_sigint_exits_at_once(tmp_path, monkeypatch):
@@ -135,20 +135,19 @@ def test_second_sigint_exits_at_once(tmp_path, monkeypatch):
     t = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
-    assert time.monotonic() - t < 2.0
-    assert _gone(workers, 2.0)
+    assert time.monotonic() - t < 15.0  # without the second Ctrl-C it would wait for the hang
+    assert _gone(workers, 15.0)
 
 
 def test_killed_main_process_takes_its_workers_along(tmp_path):
-    shm_before = set(os.listdir("/dev/shm"))
+    before = leftovers_snapshot()
     out = tmp_path / "run"
     proc = _start(out, "--time-limit", "60")
     workers = _children(proc.pid)
     proc.kill()
-    proc.wait(timeout=10)
-    assert _gone(workers, 5.0)
-    time.sleep(0.5)
-    assert set(os.listdir("/dev/shm")) <= shm_before
+    proc.wait(timeout=30)
+    assert _gone(workers, 30.0)
+    assert_no_leftovers(before)
 
 
 def test_resume_after_interrupt_continues_the_run(tmp_path):

@@ -58,13 +58,14 @@ def test_the_papers_admm_example_is_unstable_and_easgd_is_not():
 def test_command_writes_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "s"
-    assert main(["stability", "--out", str(out), "--p", "3", "--steps", "3000"]) == 0
+    assert main(["stability", "--out", str(out), "--p", "3"]) == 0  # the paper's 60,000 steps
     result = json.loads((out / "stability.json").read_text())
     assert set(result) == {"easgd", "admm", "example"}
     ex = result["example"]["3"]
     assert ex["admm_spectral_radius"] > 1 > ex["easgd_spectral_radius"]
-    # ADMM's center swings beyond where it started; EASGD's only decays toward 0.
-    assert max(abs(c) for c in ex["admm_center"]) > ex["start"] >= max(abs(c) for c in ex["easgd_center"])
+    # ADMM's center first falls, then swings ever wider, far past where it started; EASGD's
+    # decays toward the minimum.
+    assert abs(ex["admm_center"][-1]) > 100 * ex["start"] and abs(ex["easgd_center"][-1]) < 1.0
     assert (out / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "p = 3" in capsys.readouterr().out
 

@@ -79,11 +79,14 @@ def test_time_limit_without_lock(tmp_path):
     assert math.isfinite(s["final_test_loss"])
 
 
-def test_worker_error_is_relayed_in_one_line(tmp_path):
+def test_worker_error_is_relayed_in_one_line(tmp_path, monkeypatch):
+    from easgd_local.worker import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1:5:raise")  # an error in the worker, as a bug would be
     before = leftovers_snapshot()
     with pytest.raises(TrainError) as err:
-        train(TrainConfig(out=tmp_path / "run", quiet=True, workers=2, batch_size=9000))
+        train(TrainConfig(out=tmp_path / "run", quiet=True, workers=2, steps=50))
     message = str(err.value)
-    assert "worker" in message and "exceeds" in message and "\n" not in message
+    assert "worker 1" in message and "injected fault" in message and "\n" not in message
     del err  # its traceback holds the run's frames, and with them the channels' semaphores
     assert_no_leftovers(before)

@@ -7,6 +7,7 @@ from .base import Algorithm, Communicator, Option, WorkerContext
 from .ddp import DDP
 from .downpour import ADOWNPOUR, DOWNPOUR, MDOWNPOUR, MVADOWNPOUR
 from .elastic import EAMSGD, EASGD, SyncEASGD
+from .gossip import ElasticGossip, GossipSGD
 from .leader import LSGD
 from .reference import MSGD, SGD
 from .tree import EASGDTree
@@ -15,7 +16,7 @@ __all__ = ["ALGORITHMS", "Algorithm", "Communicator", "Option", "WorkerContext",
            "all_options"]
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
-    EASGD(), EAMSGD(), SyncEASGD(), EASGDTree(), LSGD(),
+    EASGD(), EAMSGD(), SyncEASGD(), EASGDTree(), LSGD(), ElasticGossip(), GossipSGD(),
     DOWNPOUR(), MDOWNPOUR(), ADOWNPOUR(), MVADOWNPOUR(),
     DDP(), SGD(), MSGD(),
 )}

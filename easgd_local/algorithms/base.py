@@ -174,6 +174,11 @@ class Algorithm:
         """A copy of the model this algorithm reports, from its shared state."""
         raise NotImplementedError
 
+    def also_reported(self, shared: "SharedState", config: "TrainConfig") -> dict[str, "Tensor"]:
+        """Other models evaluated beside the reported one (name -> flat state): each record
+        gets ``<name>_test_accuracy``. None by default."""
+        return {}
+
     def state_dict(self, shared: "SharedState") -> dict[str, "Tensor"]:
         return shared.state_dict()
 

@@ -5,26 +5,78 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from .. import rules
 from ..center import CenterLink, SharedCenter
 from ..control import AGREED_STOP
 from ..shared import SharedState
-from .base import Algorithm, Communicator, WorkerContext
+from .base import Algorithm, Communicator, Option, WorkerContext
+
+
+WEIGHTING = Option("weighting", str, "Moving rate per exchange: none (the paper's, fixed) or "
+                   "dynamic (weighted down for stragglers, beta kept over the live workers; "
+                   "see rules.dynamic_rate).", choices=("none", "dynamic"))
+
+
+def add_weighting_entries(state: SharedState, center: str, members: int) -> None:
+    """Beside a center: the update count at each member's last exchange, and its staleness then
+    (written under the center's lock, with the exchange)."""
+    state.add(f"{center}.last", torch.zeros(members), lock=center, dtype=torch.int64)
+    state.add(f"{center}.stale", torch.zeros(members), lock=center, dtype=torch.int64)
+
+
+class DynamicWeighting:
+    """The moving rate of member ``index`` of a center, from rules.dynamic_rate."""
+
+    def __init__(self, state: SharedState, center: str, index: int, beta: float):
+        self.clock = state[f"{center}.clock"].data
+        self.last = state[f"{center}.last"].data
+        self.stale = state[f"{center}.stale"].data
+        self.guard = state[center].guard
+        self.index, self.beta = index, beta
+
+    def rate(self) -> float:
+        # Read without the lock: a rate from counts a moment old is as good.
+        now = int(self.clock)
+        last = self.last.tolist()
+        others = [now - t for j, t in enumerate(last) if j != self.index]
+        return rules.dynamic_rate(self.beta, now - last[self.index], self.stale.tolist(),
+                                  others, len(last))
+
+    def record(self) -> None:
+        """Under the center's lock, with the exchange's addition: count it."""
+        now = int(self.clock)
+        self.stale[self.index] = now - int(self.last[self.index])
+        self.clock.add_(1)
+        self.last[self.index] = now + 1
+
+    def rejoin(self) -> None:
+        """A (re)started worker is current: it rejoins at full weight."""
+        with self.guard():
+            self.last[self.index] = int(self.clock)
 
 
 class Elastic(Communicator):
     """EASGD / EAMSGD: an elastic exchange every tau steps, between gradient and local step."""
 
-    def __init__(self, link: CenterLink, tau: int, alpha: float, momentum: float):
+    def __init__(self, link: CenterLink, tau: int, alpha: float, momentum: float,
+                 weighting: DynamicWeighting | None = None):
         self.link, self.tau, self.alpha, self.momentum = link, tau, alpha, momentum
+        self.weighting = weighting
 
     def start(self, y: Tensor) -> None:
         self.link.pull(y)  # x^i = x~ at start, and after a restart
+        if self.weighting is not None:
+            self.weighting.rejoin()
 
     def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
         if step % self.tau == 0:
-            self.timed(self.link.exchange, y, self.alpha, v=v, momentum=self.momentum)
+            w = self.weighting
+            alpha = self.alpha if w is None else w.rate()
+            self.timed(self.link.exchange, y, alpha, v=v, momentum=self.momentum,
+                       under_lock=None if w is None else w.record)
         return True
 
     def close(self) -> None:
@@ -70,9 +122,15 @@ class EASGD(Algorithm):
     summary = "asynchronous EASGD (Algorithm 1)"
     elastic = True
     default_step = 0.2
+    options = (WEIGHTING,)
+
+    def validate(self, config: Any) -> None:
+        config.resolved_options["weighting"] = config.options.get("weighting") or "none"
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        return SharedCenter(init, lock=config.lock, n_params=n_params).state
+        state = SharedCenter(init, lock=config.lock, n_params=n_params).state
+        add_weighting_entries(state, "center", config.workers)
+        return state
 
     def reported(self, shared: SharedState, config: Any) -> Tensor:
         return SharedCenter(state=shared).reported()
@@ -83,7 +141,10 @@ class EASGD(Algorithm):
     def communicator(self, ctx: WorkerContext) -> Communicator:
         c = ctx.config
         momentum = c.resolved_momentum if self.local_momentum else 0.0
-        return Elastic(self.center_link(ctx), c.tau, c.resolved_alpha, momentum)
+        weighting = None
+        if c.resolved_options.get("weighting") == "dynamic":
+            weighting = DynamicWeighting(ctx.shared, "center", ctx.rank, c.resolved_alpha * c.workers)
+        return Elastic(self.center_link(ctx), c.tau, c.resolved_alpha, momentum, weighting)
 
 
 class EAMSGD(EASGD):
@@ -97,6 +158,10 @@ class SyncEASGD(EASGD):
     name = "sync-easgd"
     summary = "synchronous EASGD: all workers and the center move together"
     synchronous = True
+    options = ()  # in lock-step there are no stragglers to weight
+
+    def validate(self, config: Any) -> None:
+        pass
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
         c, ch = ctx.config, ctx.channels

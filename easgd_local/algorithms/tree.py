@@ -37,8 +37,9 @@ from torch import Tensor
 
 from ..center import CenterLink, Diverged, SharedCenter
 from ..config import ConfigError
-from ..shared import SharedState, SharedTensor, crash_halfway
+from ..shared import SharedState, SharedTensor, crash_signal, crash_halfway
 from .base import Algorithm, Communicator, Option, WorkerContext, check_range
+from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries
 from .groups import GROUP_SIZE, group_of, resolve_group_size
 
 TAU_ROOT = Option("tau_root", int, "Exchanges of a group with its center between two exchanges "
@@ -60,7 +61,7 @@ def root_exchange_(group: SharedTensor, root: SharedTensor, alpha_root: float) -
             if not bool(torch.isfinite(d).all()):
                 raise Diverged("non-finite group center")
             if root.crash_in_lock:
-                crash_halfway(root.data, d)
+                crash_halfway(root.data, d, crash_signal(root.crash_in_lock))
             root.data.add_(d)
             group.data.sub_(d)
     return d
@@ -71,14 +72,17 @@ class TreeExchange(Communicator):
     of its group, the group center's exchange with the root."""
 
     def __init__(self, link: CenterLink, count: SharedTensor, root: SharedTensor, *, tau: int,
-                 alpha: float, tau_root: int, alpha_root: float):
-        self.link, self.count, self.root = link, count, root
+                 alpha: float, tau_root: int, alpha_root: float,
+                 weighting: DynamicWeighting | None = None):
+        self.link, self.count, self.root, self.weighting = link, count, root, weighting
         self.group = link.entry
         self.tau, self.alpha, self.tau_root, self.alpha_root = tau, alpha, tau_root, alpha_root
         self.root_exchanges = 0
 
     def start(self, y: Tensor) -> None:
         self.link.pull(y)  # a worker (re)starts from its group's center
+        if self.weighting is not None:
+            self.weighting.rejoin()
 
     def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
         if step % self.tau == 0:
@@ -86,13 +90,17 @@ class TreeExchange(Communicator):
         return True
 
     def _exchange(self, y: Tensor) -> None:
-        if self.link.exchange(y, self.alpha, under_lock=self._counted):
+        alpha = self.alpha if self.weighting is None else self.weighting.rate()
+        if self.link.exchange(y, alpha, under_lock=self._counted):
             root_exchange_(self.group, self.root, self.alpha_root)
             self.root_exchanges += 1
 
     def _counted(self) -> bool:
         """Under the group's lock: count this exchange; True for the group's tau_root-th."""
-        self.count.data.add_(1)
+        if self.weighting is not None:
+            self.weighting.record()  # counts it in the same clock
+        else:
+            self.count.data.add_(1)
         return int(self.count.data) % self.tau_root == 0
 
     def close(self) -> None:
@@ -113,7 +121,7 @@ class EASGDTree(Algorithm):
     summary = "EASGD tree: workers exchange with a group center, group centers with a root"
     elastic = True
     default_step = 0.2  # as easgd
-    options = (GROUP_SIZE, TAU_ROOT, BETA_ROOT)
+    options = (GROUP_SIZE, TAU_ROOT, BETA_ROOT, WEIGHTING)
     reports = "the root"
 
     def validate(self, config: Any) -> None:
@@ -127,7 +135,8 @@ class EASGDTree(Algorithm):
         check_range("--beta-root", beta_root, 0, 1, low_open=True)
         groups = config.workers // size
         config.resolved_options.update(group_size=size, groups=groups, tau_root=tau_root,
-                                       beta_root=beta_root, alpha_root=beta_root / groups)
+                                       beta_root=beta_root, alpha_root=beta_root / groups,
+                                       weighting=config.options.get("weighting") or "none")
 
     def resolve_alpha(self, config: Any, alpha: float | None, beta: float | None) -> float:
         if alpha is not None:
@@ -139,6 +148,7 @@ class EASGDTree(Algorithm):
         state.add("root", init)
         for g in range(config.resolved_options["groups"]):
             SharedCenter(init, state=state, name=f"group{g}", n_params=n_params)
+            add_weighting_entries(state, f"group{g}", config.resolved_options["group_size"])
         return state
 
     def reported(self, shared: SharedState, config: Any) -> Tensor:
@@ -146,8 +156,14 @@ class EASGDTree(Algorithm):
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
         c, opts = ctx.config, ctx.config.resolved_options
-        g = group_of(ctx.rank, opts["group_size"])
+        size = opts["group_size"]
+        g = group_of(ctx.rank, size)
         center = SharedCenter(state=ctx.shared, name=f"group{g}", n_params=ctx.n_params)
+        weighting = None
+        if opts.get("weighting") == "dynamic":
+            weighting = DynamicWeighting(ctx.shared, f"group{g}", ctx.rank - g * size,
+                                         c.resolved_alpha * size)
         return TreeExchange(CenterLink(center, ctx.device), ctx.shared[f"group{g}.clock"],
                             ctx.shared["root"], tau=c.tau, alpha=c.resolved_alpha,
-                            tau_root=opts["tau_root"], alpha_root=opts["alpha_root"])
+                            tau_root=opts["tau_root"], alpha_root=opts["alpha_root"],
+                            weighting=weighting)

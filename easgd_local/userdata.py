@@ -1,0 +1,170 @@
+"""A user's data set: ``--dataset module:factory``.
+
+The factory returns the training and test sets, either as two map-style
+``torch.utils.data.Dataset`` of ``(input, label)``, or as four tensors
+``(X_train, y_train, X_test, y_test)``. It may take ``data_dir`` and ``image_size`` keyword
+arguments, and is given them when it does.
+
+Tensors are used as given (as float32 inputs, int64 labels). Those that fit (a quarter of the
+device's free memory, shared by the workers on it) are held on each worker's device like the
+built-in sets; others, and Datasets, go through a DataLoader (``--loader-workers``).
+
+The number of classes is the largest label + 1 (from ``classes`` or ``targets`` of a Dataset
+where it has them; otherwise every label is read once, in the main process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.utils.data
+
+from .config import ConfigError
+from .data import DatasetInfo, Split
+
+_CACHE: dict[str, tuple[Any, Any, DatasetInfo]] = {}  # one factory call per process and spec
+
+
+def _is_dataset(obj: Any) -> bool:
+    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not torch.is_tensor(obj)
+
+
+def _labels(ds: Any) -> torch.Tensor:
+    if torch.is_tensor(ds):
+        return ds
+    for attr in ("targets", "labels"):
+        value = getattr(ds, attr, None)
+        if value is not None:
+            return torch.as_tensor(value)
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
+def _sample_shape(x: Any) -> tuple[int, ...]:
+    return tuple(torch.as_tensor(x).shape)
+
+
+def _info(spec: str, shape: tuple[int, ...], labels: list[torch.Tensor], train_size: int) -> DatasetInfo:
+    for y in labels:
+        if y.numel() and (y.dtype.is_floating_point or int(y.min()) < 0):
+            raise ConfigError(f"--dataset {spec}: labels must be integers >= 0 (class indices)")
+    classes = max(int(y.max()) + 1 for y in labels if y.numel())
+    channels, size = (shape[0], shape[-1]) if len(shape) == 3 else (0, 0)
+    return DatasetInfo(spec, classes, channels, size, train_size)
+
+
+def load(spec: str, data_dir: Any = None, image_size: int | None = None) -> tuple[Any, Any, DatasetInfo]:
+    """(train, test, info) from the factory named ``spec``, called once per process."""
+    if spec not in _CACHE:
+        from .user import call_with_known, import_spec
+
+        factory = import_spec(spec, "--dataset")
+        result = call_with_known(factory, "--dataset", data_dir=data_dir, image_size=image_size)
+        _CACHE[spec] = _check(spec, result)
+    return _CACHE[spec]
+
+
+def _check(spec: str, result: Any) -> tuple[Any, Any, DatasetInfo]:
+    what = ("a data factory returns (train, test) Datasets of (input, label), or tensors "
+            "(X_train, y_train, X_test, y_test)")
+    if isinstance(result, (tuple, list)) and len(result) == 4 and all(torch.is_tensor(t) for t in result):
+        x_train, y_train, x_test, y_test = result
+        for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+            if x.dim() < 2 or y.dim() != 1 or len(x) != len(y) or len(x) == 0:
+                raise ConfigError(f"--dataset {spec}: X_{split} {tuple(x.shape)} and y_{split} "
+                                  f"{tuple(y.shape)} are not one label per sample; {what}")
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise ConfigError(f"--dataset {spec}: train and test samples differ in shape "
+                              f"({tuple(x_train.shape[1:])} and {tuple(x_test.shape[1:])})")
+        info = _info(spec, tuple(x_train.shape[1:]), [y_train, y_test], len(x_train))
+        return (x_train.float(), y_train.long()), (x_test.float(), y_test.long()), info
+    if isinstance(result, (tuple, list)) and len(result) == 2 and all(_is_dataset(d) for d in result):
+        train, test = result
+        if len(train) == 0 or len(test) == 0:
+            raise ConfigError(f"--dataset {spec}: an empty data set ({len(train)} training and "
+                              f"{len(test)} test samples)")
+        try:
+            shape = _sample_shape(train[0][0])
+            labels = [_labels(train), _labels(test)]
+        except Exception as e:
+            raise ConfigError(f"--dataset {spec}: reading a sample failed: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())}"[:300]) from None
+        return train, test, _info(spec, shape, labels, len(train))
+    raise ConfigError(f"--dataset {spec} returned {type(result).__name__}; {what}")
+
+
+def _fits(x: torch.Tensor, device: torch.device) -> bool:
+    """Whether holding ``x`` on ``device`` leaves room (a quarter of what is free)."""
+    size = x.numel() * 4
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return size <= free / 4
+    from .config import _available_memory
+
+    available = _available_memory()
+    return available is None or size <= available / 4
+
+
+class TensorDataSplit(Split):
+    """A user's tensors, held whole on the device; batches are index gathers."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, device: torch.device):
+        self.x, self.y = x.to(device), y.to(device)
+        self.info, self.device = info, device
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def _take(self, indices: torch.Tensor) -> "TensorDataSplit":
+        idx = indices.to(self.device)
+        return TensorDataSplit(self.x.index_select(0, idx), self.y.index_select(0, idx), self.info, self.device)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None,
+                drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self)
+        stop = (n // batch_size) * batch_size if drop_last else n
+        order = (torch.randperm(n, generator=generator).to(self.device) if generator is not None
+                 else torch.arange(n, device=self.device))
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+
+class DatasetSplit(Split):
+    """A user's Dataset (or tensors too large to hold), through a DataLoader."""
+
+    def __init__(self, dataset: Any, info: DatasetInfo, device: torch.device, loader_workers: int):
+        self.dataset, self.info, self.device, self.loader_workers = dataset, info, device, loader_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _take(self, indices: torch.Tensor) -> "DatasetSplit":
+        return DatasetSplit(torch.utils.data.Subset(self.dataset, indices.tolist()), self.info,
+                            self.device, self.loader_workers)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None,
+                drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch_size, shuffle=generator is not None,
+            generator=generator, drop_last=drop_last, num_workers=self.loader_workers,
+            pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            yield (x.to(self.device, non_blocking=True).float(),
+                   torch.as_tensor(y).to(self.device, non_blocking=True).long())
+
+
+def split(spec: str, train: bool, device: torch.device, loader_workers: int,
+          data_dir: Any = None, image_size: int | None = None) -> Split:
+    train_part, test_part, info = load(spec, data_dir, image_size)
+    part = train_part if train else test_part
+    if isinstance(part, tuple):
+        x, y = part
+        if _fits(x, device):
+            return TensorDataSplit(x, y, info, device)
+        part = torch.utils.data.TensorDataset(x, y)
+    return DatasetSplit(part, info, device, loader_workers)
+
+
+__all__ = ["DatasetSplit", "TensorDataSplit", "load", "split"]

@@ -73,6 +73,9 @@ class TrainConfig:
     checkpoint_every: float | None = 60.0  # seconds between checkpoints (and one at the end)
     max_restarts: int = 3  # dead workers replaced before the run gives up
     faults: str | None = None  # injected faults "rank:step:kind[,...]" (worker.py), for demos
+    multi_node: bool = False  # one box of several, started by torchrun (multinode.py)
+    root_timeout: float = 60.0  # seconds a round between boxes may wait for the others
+    rank_offset: int = 0  # global rank of this box's worker 0 (set for --multi-node)
     stall_timeout: float | None = None  # seconds without a step before a worker is declared
     # dead; None: a generous multiple of the longest pause seen, at least STALL_FLOOR
     # Output
@@ -118,6 +121,7 @@ class TrainConfig:
                 ("--eval-samples", self.eval_samples, int),
                 ("--checkpoint-every", self.checkpoint_every, float),
                 ("--stall-timeout", self.stall_timeout, float),
+                ("--root-timeout", self.root_timeout, float),
                 ("--max-restarts", self.max_restarts, int),
                 ("--image-size", self.image_size, int),
                 ("--loader-workers", self.loader_workers, int)):
@@ -146,6 +150,8 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if self.checkpoint_every is not None and not self.checkpoint_every > 0:
             raise ConfigError(f"--checkpoint-every must be > 0 seconds (got {self.checkpoint_every})")
+        if not self.root_timeout > 0:
+            raise ConfigError(f"--root-timeout must be > 0 seconds (got {self.root_timeout})")
         if self.stall_timeout is not None and not self.stall_timeout > 0:
             raise ConfigError(f"--stall-timeout must be > 0 seconds (got {self.stall_timeout})")
         if self.max_restarts < 0:
@@ -185,8 +191,13 @@ class TrainConfig:
             if name not in declared:
                 raise ConfigError(f"unknown algorithm option {name!r}")
             option, users = declared[name]
-            if option not in algorithm.options:
+            box_level = self.multi_node and name in ("tau_root", "beta_root")
+            if option not in algorithm.options and not box_level:
                 raise ConfigError(f"{option.flag} applies to {', '.join(users)}, not {self.algo}")
+        if self.multi_node and algorithm.box_center is None:
+            boxed = [a.name for a in ALGORITHMS.values() if a.box_center is not None]
+            raise ConfigError(f"--multi-node ties the boxes' centers; {self.algo} has none "
+                              f"(use one of {', '.join(boxed)})")
 
         self._resolve_devices(_cuda_count() if cuda_count is None else cuda_count)
         self._resolve_alpha(algorithm)

@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from multiprocessing.connection import wait as wait_for_messages
 from typing import Any, Protocol
 
@@ -99,6 +100,8 @@ def prepare(config: TrainConfig, resuming: bool = False) -> tuple[RunDir, int, R
     out = RunDir(config.out)
     if not resuming:
         out.create()
+    else:
+        out.path.mkdir(parents=True, exist_ok=True)
     # Held for the whole run: a second process (a --resume of a run still training) is refused
     # before it writes anything.
     lock = out.lock()
@@ -118,9 +121,53 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
     the workers, the shared state, the step counters and the time axis continue from it.
     """
     t_start = time.perf_counter()
-    out, image_size, lock = prepare(config, resuming=resume is not None)
-    with lock:
-        return Run(config, out, image_size, reporter or SilentReporter(), resume, t_start).execute()
+    box = None
+    if config.multi_node:
+        config, resume, box = _join_boxes(config, resume)
+    try:
+        # A box started again by torchrun reuses its directory, checkpoint or not.
+        again = box is not None and box.restarted
+        out, image_size, lock = prepare(config, resuming=resume is not None or again)
+        with lock:
+            run = Run(config, out, image_size, reporter or SilentReporter(), resume, t_start, box)
+            return run.execute()
+    finally:
+        if box is not None:
+            box.close()
+
+
+def _join_boxes(config: TrainConfig, resume: dict[str, Any] | None) -> tuple[TrainConfig, Any, Any]:
+    """--multi-node: join the other boxes (one line and exit 2 if they run another job), take
+    this box's global ranks and directory, and its own last checkpoint after a restart."""
+    import dataclasses
+
+    from .checkpoint import Checkpointer, CheckpointError
+    from .multinode import BoxLink, box_dir
+
+    config = dataclasses.replace(config, options=dict(config.options))
+    config.validate()
+    if config.out is None:
+        config.out = Path("runs") / f"multinode-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}"
+    box = BoxLink.start(config)
+    root = Path(config.out)
+    config.rank_offset = box.rank * config.workers
+    # Box 0 writes the job's results (the mean's metrics, center.pt, summary.json) at the top;
+    # every box keeps its own state (checkpoints, its configuration) under box-k/.
+    config.out = root if box.rank == 0 else box_dir(root, box.rank)
+    if resume is None and box.restarted:  # torchrun started the job again: go on from here
+        try:
+            resume = Checkpointer(_checkpoint_dir(config, box)).load()
+            log.warning("box %d resumes from its last checkpoint", box.rank)
+        except CheckpointError:
+            log.warning("box %d has no checkpoint yet; it starts from the beginning", box.rank)
+    return config, resume, box
+
+
+def _checkpoint_dir(config: TrainConfig, box: Any) -> Path:
+    from .multinode import box_dir
+
+    root = Path(config.out)
+    return box_dir(root, 0) if box is not None and box.rank == 0 else root
 
 
 @dataclass
@@ -147,9 +194,10 @@ class Run:
     """
 
     def __init__(self, config: TrainConfig, out: RunDir, image_size: int, reporter: Reporter,
-                 resume: dict[str, Any] | None, t_start: float):
+                 resume: dict[str, Any] | None, t_start: float, box: Any = None):
         self.config, self.out, self.image_size, self.reporter = config, out, image_size, reporter
         self.resume, self.t_start = resume, t_start
+        self.box = box  # multinode.BoxLink: this box's side of the rounds between boxes
         self.algorithm = config.algorithm
         self.ctx = mp.get_context("spawn")
         self.eval_device = next((d for d in config.worker_devices if d.startswith("cuda")), "cpu")
@@ -163,7 +211,7 @@ class Run:
         if resume is not None:
             self.algorithm.load_state_dict(shared, resume["algorithm"])
         self.ch = WorkerChannels.create(config, shared, self.ctx, self.algorithm.synchronous, resume)
-        self.checkpointer = Checkpointer(out.path)
+        self.checkpointer = Checkpointer(_checkpoint_dir(config, box))
         self.workers: list[_Worker] = []
         self.t0 = 0.0  # perf_counter at which the (continued) time axis is 0
         self.states: dict[int, bytes] = dict(resume["workers"]) if resume is not None else {}
@@ -234,8 +282,28 @@ class Run:
             self.reporter.finished()
 
     def reported(self) -> torch.Tensor:
-        """A copy of the model the algorithm reports, now."""
+        """A copy of the model the algorithm reports, now (with several boxes: the mean of the
+        box centers at the last round)."""
+        if self.box is not None and self.box.mean is not None:
+            return self.box.mean.clone()
         return self.algorithm.reported(self.ch.shared, self.config)
+
+    def box_round(self, done: bool) -> None:
+        """A round between boxes when one is due (multinode.py); its failure ends the run."""
+        if self.box.orphaned():
+            raise TrainError(f"box {self.box.rank}: torchrun's agent that started this box is "
+                             f"gone; checkpoint in {self.checkpointer.dir}")
+        exchanges = float(self.ch.counters[:, EXCHANGES].sum())
+        if not self.box.due(exchanges, done):
+            return
+        try:
+            self.box.round(self.ch.shared[self.algorithm.box_center], exchanges, done)
+        except LockTimeout:
+            raise
+        except Exception as e:  # a box died: gloo's error, or the timeout
+            raise TrainError(f"box {self.box.rank}: the exchange between boxes failed "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); another "
+                             f"box is gone; checkpoint in {self.checkpointer.dir}") from None
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -371,6 +439,8 @@ class Run:
             if config.time_limit is not None and elapsed >= config.time_limit:
                 ch.control[STOP] = 1
             self.watch(now)
+            if self.box is not None and not all(w.done for w in self.workers):
+                self.box_round(done=False)
             if not all(w.done for w in self.workers):
                 try:
                     self.scheduler.tick(now, lambda: self.snapshot(elapsed))
@@ -382,7 +452,12 @@ class Run:
                 self.forget_pauses()  # the workers paused for it: no stall
             self.reporter.progress(int(ch.steps.sum()) * config.batch_size, elapsed,
                                    self.last_accuracy)
-        return time.perf_counter() - self.t0
+        train_seconds = time.perf_counter() - self.t0
+        if self.box is not None:  # done here: join the rounds until every box is done
+            while not self.box.all_done:
+                self._check_interrupt()
+                self.box_round(done=True)
+        return train_seconds
 
     # -- stalls ------------------------------------------------------------------------------
 
@@ -541,6 +616,21 @@ class Run:
         then ends with that error in one line (exit 1), the model and checkpoint saved."""
         config, ch, scheduler = self.config, self.ch, self.scheduler
         ended = time.perf_counter()
+        counters = ch.counters.sum(0).tolist()
+        samples = int(ch.steps.sum()) * config.batch_size
+        boxes: dict[str, Any] = {}
+        if self.box is not None:  # every box at once, before box 0 evaluates
+            b = self.box
+            all_samples, all_bytes, all_exchanges = b.totals([samples, b.bytes, counters[EXCHANGES]])
+            boxes = {"boxes": b.world, "box": b.rank, "total_samples_all_boxes": int(all_samples),
+                     "samples_per_second_all_boxes": all_samples / train_seconds if train_seconds > 0 else 0.0,
+                     "exchanges_all_boxes": int(all_exchanges),
+                     "bytes_between_boxes": int(all_bytes), "root_rounds": b.rounds,
+                     "bytes_between_boxes_per_sample": all_bytes / all_samples if all_samples else None,
+                     "root_lock_seconds_max": max(b.lock_seconds, default=0.0),
+                     "root_lock_seconds_mean": sum(b.lock_seconds) / len(b.lock_seconds) if b.lock_seconds else 0.0,
+                     "root_round_seconds_mean": sum(b.round_seconds) / len(b.round_seconds) if b.round_seconds else 0.0,
+                     "alpha_root": b.alpha_root, "tau_root": b.tau_root}
         snapshot, final = self.snapshot(train_seconds)
         try:
             self.out.save_state_dict("center.pt", self.evaluator.state_dict(snapshot))
@@ -563,9 +653,7 @@ class Run:
             eval_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
             log.debug("evaluation failed", exc_info=True)
         eval_error = eval_error or scheduler.failed
-        counters = ch.counters.sum(0).tolist()
-        samples = int(ch.steps.sum()) * config.batch_size
-        summary = {
+        summary = {**boxes,
             "algo": config.algo, "workers": config.workers, "devices": config.worker_devices,
             "tau": config.tau, "alpha": config.resolved_alpha,
             "momentum": config.resolved_momentum, "options": dict(config.resolved_options),

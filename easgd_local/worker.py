@@ -176,8 +176,10 @@ class Worker:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(cpu_threads_per_worker(config))
-        # dropout and other model randomness; a restarted worker draws fresh numbers
-        torch.manual_seed(config.seed + rank + 1000 * incarnation)
+        # dropout and other model randomness; a restarted worker draws fresh numbers. With
+        # several boxes, the global rank (rank_offset + rank) sets a worker's streams.
+        global_rank = config.rank_offset + rank
+        torch.manual_seed(config.seed + global_rank + 1000 * incarnation)
         self.data = load_split(config.dataset, config.data_dir, train=True, device=self.device,
                                image_size=image_size, loader_workers=config.loader_workers)
         self.loss_fn = loss_function(config)
@@ -189,7 +191,7 @@ class Worker:
         self.comm = self.algorithm.communicator(WorkerContext(
             rank, config, ch, self.device, self.state.n_params, parent_pid))
         self.forward = self.comm.wrap(self.state.module)
-        self.gen = torch.Generator().manual_seed(config.seed + rank + 1000 * incarnation)  # data order
+        self.gen = torch.Generator().manual_seed(config.seed + global_rank + 1000 * incarnation)  # data order
         self.step = int(ch.steps[rank])  # a restarted worker continues its rank's count
         self.fault = _Fault(rank, incarnation, config.faults)
         self.reported = [0.0, 0.0, 0.0]  # exchanges, bytes, seconds already in ch.counters

@@ -378,8 +378,8 @@ def test_existing_bench_directory_is_refused(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_short_real_bench(tmp_path, capsys):
-    # sgd and easgd, plus the other algorithms of the default list where config has them.
-    algos = ["sgd", "easgd"] + [a for a in ("downpour", "ddp") if a in config.ALGOS]
+    # sgd (the reference) and one with a center; every algorithm trains in its own tests.
+    algos = ["sgd", "easgd"]
     before = leftovers_snapshot()
     out = tmp_path / "bench"
     args = ["bench", "--algos", ",".join(algos), "--time-limit", "2", "--target-accuracy", "0.5",

@@ -234,7 +234,7 @@ def test_periodic_checkpoints_are_of_one_instant(tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpointer, "save", capture)
     out = tmp_path / "run"
     before = leftovers_snapshot()
-    config = TrainConfig(out=out, quiet=True, workers=2, tau=4, steps=700, eval_every=100.0,
+    config = TrainConfig(out=out, quiet=True, workers=2, tau=4, steps=400, eval_every=100.0,
                          checkpoint_every=0.2)
     train(config)
     torch.manual_seed(config.seed)
@@ -253,13 +253,13 @@ def test_periodic_checkpoints_are_of_one_instant(tmp_path, monkeypatch):
     ck.current.unlink()
     real_save(ck, {k: v for k, v in middle.items() if k != "version"})
     resumed = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    resumed.steps = 900
+    resumed.steps = 500
     train(resumed, resume=ck.load())
     assert_no_leftovers(before)
     final = saved[-1]
     assert _invariant_error(final, c0, drifts, n) < 2e-3
     from easgd_local.checkpoint import unpack_state
-    assert [int(unpack_state(final["workers"][r])["step"]) for r in (0, 1)] == [900, 900]
+    assert [int(unpack_state(final["workers"][r])["step"]) for r in (0, 1)] == [500, 500]
 
 
 # --- a checkpoint that would run code ---------------------------------------------------------

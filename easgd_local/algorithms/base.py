@@ -140,6 +140,9 @@ class Algorithm:
     default_step: ClassVar[float] = 0.1
     options: ClassVar[tuple[Option, ...]] = ()
     reports: ClassVar[str] = "the center"  # the model it reports, in words
+    # The shared entry that --multi-node ties between boxes (its reported model's home); None:
+    # the algorithm has no single center to tie.
+    box_center: ClassVar[str | None] = None
 
     def default_lr(self, momentum: float) -> float:
         return self.default_step * (1.0 - momentum) if self.uses_momentum else self.default_step

@@ -58,6 +58,7 @@ class Downpour(Communicator):
 class DOWNPOUR(Algorithm):
     name = "downpour"
     summary = "DOWNPOUR: push tau steps of updates, pull the center"
+    box_center = "center"
     averaged = False  # the reported model is a running average of the center
     average_rate: float | None = None  # None: 1/(t+1) (the mean of all centers)
 
@@ -83,6 +84,7 @@ class DOWNPOUR(Algorithm):
 
 
 class MDOWNPOUR(DOWNPOUR):
+    box_center = None  # it reports more than the center (momentum, an average)
     name = "mdownpour"
     summary = "DOWNPOUR with Nesterov momentum on the master"
     master_momentum = True
@@ -96,6 +98,7 @@ class MDOWNPOUR(DOWNPOUR):
 
 
 class ADOWNPOUR(DOWNPOUR):
+    box_center = None  # it reports more than the center (momentum, an average)
     name = "adownpour"
     summary = "DOWNPOUR reporting the average of all centers"
     averaged = True
@@ -103,6 +106,7 @@ class ADOWNPOUR(DOWNPOUR):
 
 
 class MVADOWNPOUR(DOWNPOUR):
+    box_center = None  # it reports more than the center (momentum, an average)
     name = "mvadownpour"
     summary = "DOWNPOUR reporting a moving average of the center (rate 0.001)"
     averaged = True

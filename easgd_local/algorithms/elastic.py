@@ -120,6 +120,7 @@ class SyncElastic(Elastic):
 class EASGD(Algorithm):
     name = "easgd"
     summary = "asynchronous EASGD (Algorithm 1)"
+    box_center = "center"
     elastic = True
     default_step = 0.2
     options = (WEIGHTING,)

@@ -119,6 +119,7 @@ class TreeExchange(Communicator):
 class EASGDTree(Algorithm):
     name = "easgd-tree"
     summary = "EASGD tree: workers exchange with a group center, group centers with a root"
+    box_center = "root"
     elastic = True
     default_step = 0.2  # as easgd
     options = (GROUP_SIZE, TAU_ROOT, BETA_ROOT, WEIGHTING)

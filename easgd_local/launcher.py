@@ -136,6 +136,9 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
             box.close()
 
 
+NEVER = 1e9  # seconds: an --eval-every that never comes during a run
+
+
 def _join_boxes(config: TrainConfig, resume: dict[str, Any] | None) -> tuple[TrainConfig, Any, Any]:
     """--multi-node: join the other boxes (one line and exit 2 if they run another job), take
     this box's global ranks and directory, and its own last checkpoint after a restart."""
@@ -154,6 +157,8 @@ def _join_boxes(config: TrainConfig, resume: dict[str, Any] | None) -> tuple[Tra
     # Box 0 writes the job's results (the mean's metrics, center.pt, summary.json) at the top;
     # every box keeps its own state (checkpoints, its configuration) under box-k/.
     config.out = root if box.rank == 0 else box_dir(root, box.rank)
+    if box.rank > 0:  # box 0 evaluates the job's model during training; the others train
+        config.eval_every = NEVER
     if resume is None and box.restarted:  # torchrun started the job again: go on from here
         try:
             resume = Checkpointer(_checkpoint_dir(config, box)).load()

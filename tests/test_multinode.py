@@ -33,6 +33,7 @@ def _box(out: Path, port: int, extra=(), restarts=0, run_id="t"):
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
            "--max-restarts", str(restarts), "--monitor-interval", "1",
            "-m", "easgd_local", "train", "--multi-node", "--quiet", "--workers", "1",
+           "--threads", "1",
            "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,4 +1,5 @@
-"""Checks shared by the tests that start training runs: nothing may be left behind.
+"""Checks shared by the tests that start training runs (nothing may be left behind), and the
+flat-vector helpers of the rule tests.
 
 /dev/shm is machine-wide: an entry another job holds is not counted as ours. Bounds on time are
 generous (a slow machine, busy with something else, must pass); the product's promises in
@@ -8,6 +9,8 @@ seconds are measured by scripts/, not asserted here.
 import gc
 import os
 import time
+
+import torch
 
 
 def _children(pid: int) -> set[int]:
@@ -85,3 +88,18 @@ def assert_no_leftovers(before: tuple[set[int], set[str]], wait: float = 15.0) -
         if time.monotonic() > deadline:
             raise AssertionError(f"left behind: processes {sorted(kids)}, /dev/shm {sorted(shm)}")
         time.sleep(0.1)
+
+
+def pieces_of(flat, shapes):
+    """Views of a flat vector as tensors of the given shapes, in order."""
+    out, o = [], 0
+    for s in shapes:
+        k = torch.Size(s).numel()
+        out.append(flat[o:o + k].view(s))
+        o += k
+    return out
+
+
+def flat_of(pieces):
+    """The tensors as one flat float32 vector."""
+    return torch.cat([p.reshape(-1).float() for p in pieces])

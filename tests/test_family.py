@@ -20,23 +20,14 @@ from easgd_local.rules_reference import ReferenceAsyncEASGD, ReferenceEASGDTree,
 from easgd_local.shared import SharedState
 from easgd_local.worker import FAULT_ENV
 
-from .helpers import assert_no_leftovers, leftovers_snapshot
+from .helpers import assert_no_leftovers, flat_of as _flat, leftovers_snapshot, pieces_of
 
 SHAPES = [(6, 3), (4,), (2, 2, 3)]
 N = sum(torch.Size(s).numel() for s in SHAPES)
 
 
 def _pieces(flat):
-    out, o = [], 0
-    for s in SHAPES:
-        k = torch.Size(s).numel()
-        out.append(flat[o:o + k].view(s))
-        o += k
-    return out
-
-
-def _flat(pieces):
-    return torch.cat([p.reshape(-1).float() for p in pieces])
+    return pieces_of(flat, SHAPES)
 
 
 def grad_oracle(point, worker, step):

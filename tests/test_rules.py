@@ -6,21 +6,10 @@ import torch
 from easgd_local import rules
 from easgd_local.rules_reference import ReferenceAsyncEASGD
 
+from .helpers import flat_of as _flat, pieces_of as _pieces
+
 SHAPES = [(7, 3), (5,), (4, 2, 2)]  # parameter pieces
 BUFFER_SHAPES = [(3,)]  # float buffers: exchanged, never stepped
-
-
-def _pieces(flat, shapes):
-    out, o = [], 0
-    for s in shapes:
-        k = torch.Size(s).numel()
-        out.append(flat[o:o + k].view(s))
-        o += k
-    return out
-
-
-def _flat(pieces):
-    return torch.cat([p.reshape(-1).float() for p in pieces])
 
 
 class Oracle:

@@ -120,6 +120,24 @@ class Communicator:
             self.seconds += time.perf_counter() - t
 
 
+
+class LinkCommunicator(Communicator):
+    """A communicator over one link to shared state (``self.link``, a ``center.CenterLink``):
+    its release and its counts are the link's."""
+
+    link: Any
+
+    def close(self) -> None:
+        self.link.close()
+
+    @property
+    def exchanges(self) -> int:
+        return self.link.exchanges
+
+    @property
+    def bytes(self) -> int:
+        return self.link.bytes
+
 class Algorithm:
     """One algorithm of the registry. Subclasses set the class attributes and override what
     differs; an instance holds nothing of a run (the shared state is passed in)."""

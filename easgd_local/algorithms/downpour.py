@@ -11,10 +11,10 @@ from torch import Tensor
 
 from ..center import CenterLink, SharedCenter
 from ..shared import SharedState
-from .base import Algorithm, Communicator, WorkerContext
+from .base import Algorithm, Communicator, LinkCommunicator, WorkerContext
 
 
-class Downpour(Communicator):
+class Downpour(LinkCommunicator):
     """DOWNPOUR: updates accumulate locally; every tau steps they are pushed and the center pulled.
 
     The push follows the local step, so the next gradient is taken at the freshly pulled center
@@ -37,22 +37,11 @@ class Downpour(Communicator):
         if not torch.equal(y, self.y_pulled):  # updates not pushed yet
             self.link.push_pull(y, self.y_pulled, self.average_rate)
 
-    def close(self) -> None:
-        self.link.close()
-
     def state_dict(self) -> dict[str, Any]:
         return {"y_pulled": self.y_pulled.cpu()}
 
     def load_state_dict(self, state: dict[str, Any], y: Tensor) -> None:
         self.y_pulled.copy_(state["y_pulled"])
-
-    @property
-    def exchanges(self) -> int:
-        return self.link.exchanges
-
-    @property
-    def bytes(self) -> int:
-        return self.link.bytes
 
 
 class DOWNPOUR(Algorithm):

@@ -12,7 +12,7 @@ from .. import rules
 from ..center import CenterLink, SharedCenter
 from ..control import AGREED_STOP
 from ..shared import SharedState
-from .base import Algorithm, Communicator, Option, WorkerContext
+from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext
 
 
 WEIGHTING = Option("weighting", str, "Moving rate per exchange: none (the paper's, fixed) or "
@@ -58,7 +58,7 @@ class DynamicWeighting:
             self.last[self.index] = int(self.clock)
 
 
-class Elastic(Communicator):
+class Elastic(LinkCommunicator):
     """EASGD / EAMSGD: an elastic exchange every tau steps, between gradient and local step."""
 
     def __init__(self, link: CenterLink, tau: int, alpha: float, momentum: float,
@@ -78,17 +78,6 @@ class Elastic(Communicator):
             self.timed(self.link.exchange, y, alpha, v=v, momentum=self.momentum,
                        under_lock=None if w is None else w.record)
         return True
-
-    def close(self) -> None:
-        self.link.close()
-
-    @property
-    def exchanges(self) -> int:
-        return self.link.exchanges
-
-    @property
-    def bytes(self) -> int:
-        return self.link.bytes
 
 
 class SyncElastic(Elastic):

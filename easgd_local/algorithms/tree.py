@@ -38,7 +38,7 @@ from torch import Tensor
 from ..center import CenterLink, Diverged, SharedCenter
 from ..config import ConfigError
 from ..shared import SharedState, SharedTensor, crash_signal, crash_halfway
-from .base import Algorithm, Communicator, Option, WorkerContext, check_range
+from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext, check_range
 from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries
 from .groups import GROUP_SIZE, group_of, resolve_group_size
 
@@ -67,7 +67,7 @@ def root_exchange_(group: SharedTensor, root: SharedTensor, alpha_root: float) -
     return d
 
 
-class TreeExchange(Communicator):
+class TreeExchange(LinkCommunicator):
     """A worker of EASGD-Tree: exchanges with its group center, and every tau_root-th exchange
     of its group, the group center's exchange with the root."""
 
@@ -102,13 +102,6 @@ class TreeExchange(Communicator):
         else:
             self.count.data.add_(1)
         return int(self.count.data) % self.tau_root == 0
-
-    def close(self) -> None:
-        self.link.close()
-
-    @property
-    def exchanges(self) -> int:
-        return self.link.exchanges
 
     @property
     def bytes(self) -> int:

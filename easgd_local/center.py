@@ -126,31 +126,20 @@ class SharedCenter:
             return x
 
     def push_(self, u: Tensor, average_rate: float | None = None) -> None:
-        """The master's side of a DOWNPOUR push, atomically: ``u`` holds the accumulated update
-        of the parameters, then the pushing worker's own float buffers.
-
-        Parameters: center += u. With momentum (MDOWNPOUR): Nesterov momentum on the master, in
-        look-ahead form like the workers' (rules.local_step_): v = delta*v + u; center += u +
-        delta*v, so workers pull the look-ahead point and take their gradients there.
-        Buffers (running statistics) are not sums of gradients: added as deltas from p workers
-        (and through momentum) they can grow without bound or turn a variance negative. The
-        center takes the pushing worker's, a value some worker actually computed.
-        average: z = (1 - a) z + a * center after the update, with a = average_rate, or
-        a = 1/(t+1) at the t-th update when average_rate is None (z = mean of all centers).
-        """
-        n, data, velocity, average = self.n_params, self.data, self.velocity, self.average
+        """The master's side of a DOWNPOUR push, atomically (rules.downpour_push_): ``u`` holds
+        the accumulated update of the parameters, then the pushing worker's own float buffers.
+        Then the running average (rules.running_average_), with a = average_rate, or
+        a = 1/(t+1) at the t-th update when average_rate is None (z = mean of all centers)."""
+        data, average = self.data, self.average
         with self.guard():
             if self.crash_in_lock:
                 crash_halfway(data, u, crash_signal(self.crash_in_lock))
-            data[:n].add_(u[:n])
-            data[n:].copy_(u[n:])
-            if velocity is not None:
-                velocity.mul_(self.momentum).add_(u[:n])
-                data[:n].add_(velocity, alpha=self.momentum)
+            rules.downpour_push_(data, u, self.n_params, velocity=self.velocity,
+                                 momentum=self.momentum)
             self.clock.add_(1)
             if average is not None:
                 a = average_rate if average_rate is not None else 1.0 / (int(self.clock) + 1)
-                average.lerp_(data, a)
+                rules.running_average_(average, data, a)
 
 
 def page_lock(t: Tensor) -> bool:

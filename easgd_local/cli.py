@@ -16,7 +16,7 @@ import typer
 
 from . import bench as _bench
 from .algorithms import ALGORITHMS, all_options
-from .config import ConfigError, TrainConfig
+from .config import DEFAULT_BOX_BETA, DEFAULT_BOX_TAU, ConfigError, TrainConfig
 
 ALGOS = tuple(ALGORITHMS)
 
@@ -112,7 +112,9 @@ def train(
     eval_samples: Annotated[int, typer.Option(help="Test samples per evaluation while training: a fixed, seeded subset (0: the whole test set). The final evaluation always uses the whole test set.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.eval_samples,
     eval_deferred: Annotated[bool, typer.Option("--eval-deferred", help="Only snapshot the center while training and evaluate the snapshots afterwards, so that evaluation takes no cores from the workers (--target-accuracy then cannot end the run early).", rich_help_panel=SYSTEM_PANEL)] = False,
     max_restarts: Annotated[int, typer.Option(help="Dead workers replaced (from the center) before the run gives up.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.max_restarts,
-    multi_node: Annotated[bool, typer.Option("--multi-node", help="One box of several, started by torchrun (see the README's \"Several machines\"): the boxes' centers are tied every --tau-root exchanges.", rich_help_panel=SYSTEM_PANEL)] = False,
+    multi_node: Annotated[bool, typer.Option("--multi-node", help="One box of several, started by torchrun (see the README's \"Several machines\"): the boxes' centers are tied elastically to a root every --box-tau exchanges.", rich_help_panel=SYSTEM_PANEL)] = False,
+    box_tau: Annotated[Optional[int], typer.Option(help=f"With --multi-node: exchanges of a box's center between two rounds between boxes, >= 1. (default: {DEFAULT_BOX_TAU})", rich_help_panel=SYSTEM_PANEL)] = None,
+    box_beta: Annotated[Optional[float], typer.Option(help=f"With --multi-node: the root's moving rate beta_root = boxes * alpha_root, in (0, 1]. (default: {DEFAULT_BOX_BETA:g})", rich_help_panel=SYSTEM_PANEL)] = None,
     root_timeout: Annotated[float, typer.Option(help="With --multi-node: seconds a round between boxes waits for the others before the run ends with an error.", rich_help_panel=SYSTEM_PANEL)] = TrainConfig.root_timeout,
     fault: Annotated[Optional[str], typer.Option(help="Inject faults, for a demo: rank:step:kind[,...] with kind slow:F (that rank F times slower from that step), pause:S (stops S seconds), kill, exit, hang, nan.", rich_help_panel=SYSTEM_PANEL)] = None,
     stall_timeout: Annotated[Optional[float], typer.Option(help="Seconds without a step after which a worker (stopped, hung) is declared dead: killed and replaced. (default: 20 times the longest pause seen, at least 20 s)", rich_help_panel=SYSTEM_PANEL)] = None,
@@ -134,6 +136,7 @@ def train(
         threads=threads, image_size=image_size, loader_workers=loader_workers, eval_every=eval_every, eval_budget=eval_budget, eval_samples=eval_samples,
         eval_deferred=eval_deferred, out=out, quiet=quiet, max_restarts=max_restarts,
         stall_timeout=stall_timeout, faults=fault, multi_node=multi_node, root_timeout=root_timeout,
+        box_tau=box_tau, box_beta=box_beta,
         checkpoint_every=checkpoint_every,
         options={k: v for k, v in (algorithm_options or {}).items() if v is not None})
     checkpoint = None

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MOMENTUM = 0.9  # used by the momentum algorithms when --momentum is not given
+DEFAULT_BOX_TAU = 4  # --multi-node: exchanges of a box's center between two rounds between boxes
+DEFAULT_BOX_BETA = 0.9  # --multi-node: the root's moving rate, beta_root = boxes * alpha_root
 
 
 def __getattr__(name: str) -> Any:
@@ -75,6 +77,9 @@ class TrainConfig:
     faults: str | None = None  # injected faults "rank:step:kind[,...]" (worker.py), for demos
     multi_node: bool = False  # one box of several, started by torchrun (multinode.py)
     root_timeout: float = 60.0  # seconds a round between boxes may wait for the others
+    box_tau: int | None = None  # exchanges of a box's center between two rounds between boxes
+    box_beta: float | None = None  # the root's moving rate over the boxes, in (0, 1]
+    # (both --multi-node only; None: DEFAULT_BOX_TAU, DEFAULT_BOX_BETA, set by validate())
     rank_offset: int = 0  # global rank of this box's worker 0 (set for --multi-node)
     stall_timeout: float | None = None  # seconds without a step before a worker is declared
     # dead; None: a generous multiple of the longest pause seen, at least STALL_FLOOR
@@ -122,6 +127,7 @@ class TrainConfig:
                 ("--checkpoint-every", self.checkpoint_every, float),
                 ("--stall-timeout", self.stall_timeout, float),
                 ("--root-timeout", self.root_timeout, float),
+                ("--box-tau", self.box_tau, int), ("--box-beta", self.box_beta, float),
                 ("--max-restarts", self.max_restarts, int),
                 ("--image-size", self.image_size, int),
                 ("--loader-workers", self.loader_workers, int)):
@@ -152,6 +158,7 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-every must be > 0 seconds (got {self.checkpoint_every})")
         if not self.root_timeout > 0:
             raise ConfigError(f"--root-timeout must be > 0 seconds (got {self.root_timeout})")
+        self._resolve_box_level()
         if self.stall_timeout is not None and not self.stall_timeout > 0:
             raise ConfigError(f"--stall-timeout must be > 0 seconds (got {self.stall_timeout})")
         if self.max_restarts < 0:
@@ -191,8 +198,7 @@ class TrainConfig:
             if name not in declared:
                 raise ConfigError(f"unknown algorithm option {name!r}")
             option, users = declared[name]
-            box_level = self.multi_node and name in ("tau_root", "beta_root")
-            if option not in algorithm.options and not box_level:
+            if option not in algorithm.options:
                 raise ConfigError(f"{option.flag} applies to {', '.join(users)}, not {self.algo}")
         if self.multi_node and algorithm.box_center is None:
             boxed = [a.name for a in ALGORITHMS.values() if a.box_center is not None]
@@ -204,6 +210,22 @@ class TrainConfig:
         self.resolved_options = {}
         algorithm.validate(self)
         return self
+
+    def _resolve_box_level(self) -> None:
+        """--box-tau and --box-beta: checked, and their defaults set, under --multi-node only."""
+        given = [flag for flag, value in (("--box-tau", self.box_tau),
+                                          ("--box-beta", self.box_beta)) if value is not None]
+        if not self.multi_node:
+            if given:
+                raise ConfigError(f"{given[0]} applies to the rounds between boxes; give it with "
+                                  "--multi-node")
+            return
+        self.box_tau = DEFAULT_BOX_TAU if self.box_tau is None else self.box_tau
+        self.box_beta = DEFAULT_BOX_BETA if self.box_beta is None else self.box_beta
+        if self.box_tau < 1:
+            raise ConfigError(f"--box-tau must be >= 1 (got {self.box_tau})")
+        if not 0 < self.box_beta <= 1:
+            raise ConfigError(f"--box-beta must be in (0, 1] (got {self.box_beta})")
 
     def _resolve_devices(self, cuda_count: int) -> None:
         if self.workers is not None and self.workers < 1:

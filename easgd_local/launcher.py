@@ -250,6 +250,8 @@ class Run:
         set_lock_timeout(LOCK_TIMEOUT_SECONDS)
         handlers = self._catch_signals()
         try:
+            if self.box is not None:
+                self.start_root()
             for rank in range(config.workers):
                 self.spawn(rank, 0, self.states.get(rank))
             self.scheduler = EvalScheduler(
@@ -287,11 +289,21 @@ class Run:
             self.reporter.finished()
 
     def reported(self) -> torch.Tensor:
-        """A copy of the model the algorithm reports, now (with several boxes: the mean of the
-        box centers at the last round)."""
-        if self.box is not None and self.box.mean is not None:
-            return self.box.mean.clone()
+        """A copy of the model the algorithm reports, now (with several boxes: the root, as the
+        last round left it)."""
+        if self.box is not None and self.box.root is not None:
+            return self.box.root.clone()
         return self.algorithm.reported(self.ch.shared, self.config)
+
+    def start_root(self) -> None:
+        """Several boxes: every box takes box 0's root (multinode.py); no answer ends the run."""
+        center = self.ch.shared[self.algorithm.box_center].snapshot()
+        saved = self.resume.get("box") if self.resume is not None else None
+        try:
+            self.box.start_root(center, saved)
+        except Exception as e:  # a box that never came: gloo's error, or the timeout
+            raise TrainError(f"box {self.box.rank}: the boxes could not agree on the root "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
     def box_round(self, done: bool) -> None:
         """A round between boxes when one is due (multinode.py); its failure ends the run."""
@@ -548,10 +560,13 @@ class Run:
         self.write_checkpoint(payload)
 
     def checkpoint_payload(self, elapsed: float) -> dict[str, Any]:
-        return {"algorithm": self.algorithm.state_dict(self.ch.shared),
-                "steps": self.ch.steps.clone(), "counters": self.ch.counters.clone(),
-                "losses": self.ch.losses.clone(), "workers": dict(self.states),
-                "elapsed": elapsed, "restarts": self.restarts_before + self.restarts}
+        payload = {"algorithm": self.algorithm.state_dict(self.ch.shared),
+                   "steps": self.ch.steps.clone(), "counters": self.ch.counters.clone(),
+                   "losses": self.ch.losses.clone(), "workers": dict(self.states),
+                   "elapsed": elapsed, "restarts": self.restarts_before + self.restarts}
+        if self.box is not None and self.box.root is not None:
+            payload["box"] = self.box.state()  # the root and the rounds between boxes
+        return payload
 
     def save_checkpoint(self, elapsed: float) -> None:
         try:
@@ -635,7 +650,8 @@ class Run:
                      "root_lock_seconds_max": max(b.lock_seconds, default=0.0),
                      "root_lock_seconds_mean": sum(b.lock_seconds) / len(b.lock_seconds) if b.lock_seconds else 0.0,
                      "root_round_seconds_mean": sum(b.round_seconds) / len(b.round_seconds) if b.round_seconds else 0.0,
-                     "alpha_root": b.alpha_root, "tau_root": b.tau_root}
+                     "alpha_root": b.alpha_root, "box_tau": b.tau,
+                     "box_beta": config.box_beta}
         snapshot, final = self.snapshot(train_seconds)
         try:
             self.out.save_state_dict("center.pt", self.evaluator.state_dict(snapshot))

@@ -1,28 +1,33 @@
-"""Several boxes: each box's shared-memory center tied elastically to the others, one level up.
+"""Several boxes: each box's shared-memory center tied elastically to a root, one level up.
 
 Launched by PyTorch's own engine, one launcher process per box::
 
     torchrun --nnodes N --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
-        -m easgd_local train --multi-node ...
+        -m easgd_local train --multi-node --box-tau 4 --box-beta 0.9 ...
 
 Inside a box nothing changes: its workers, their shared-memory center and its lock. Between
-boxes, the EASGD tree of the thesis with a box as a group: every ``--tau-root`` exchanges of a
-box's center (counted in that box), its launcher joins a round in which every box moves its
-center toward the mean of all box centers::
+boxes, synchronous EASGD with the box centers c_k as the children of a root r (rules.elastic_round):
+every ``--box-tau`` exchanges of a box's center (counted in that box), its launcher joins a
+round in which, from the same pre-round values::
 
-    c_k <- c_k - alpha_root * (c_k - mean_j c_j)        alpha_root = beta_root / boxes
+    c_k <- c_k - alpha_root * (c_k - r)            for every box k
+    r   <- r + beta_root * (mean_k c_k - r)        beta_root = K * alpha_root (--box-beta)
 
 with the mean from one all-reduce (gloo on CPU tensors; NCCL from a GPU copy where the boxes
-have GPUs). Rounds are collective, so they are synchronous between boxes; inside each box
-everything stays asynchronous. The exchange happens in the launcher process: the center is
-copied under its lock, the all-reduce runs without it (the box's workers never wait for the
-network, only the launcher does), and the move is added under the lock again, as an exchange
-is. A box that has finished training keeps joining rounds (flagged as done) until every box is
-done; the last round's mean is the model reported, evaluated and saved by rank 0.
+have GPUs). The root is a persistent variable replicated on every box: box 0 broadcasts its
+initial value at the start (its initial center, or the root of its checkpoint after a restart),
+and since every box sees the same all-reduce, every replica takes the same steps. Rounds are
+collective, so they are synchronous between boxes; inside each box everything stays
+asynchronous. The exchange happens in the launcher process: the center is copied under its lock,
+the all-reduce runs without it (the box's workers never wait for the network, only the launcher
+does), and the move is added under the lock again, as an exchange is. A box that has finished
+training keeps joining rounds (flagged as done) until every box is done; the root after the
+last round is the model reported, evaluated and saved by rank 0.
 
 A box that dies makes the others' all-reduce fail, within ``--root-timeout`` seconds at the
-most: they end with one line and a checkpoint. Under ``torchrun --max-restarts K`` the job is
-started again, and every box resumes from its own last checkpoint under ``OUT/box-k/``.
+most: they end with one line and a checkpoint (the root in it). Under ``torchrun --max-restarts
+K`` the job is started again, every box resumes its center from its own last checkpoint under
+``OUT/box-k/``, and box 0's root is broadcast to all.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 
 import torch
 
+from . import rules
 from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -49,8 +55,6 @@ PER_BOX_FIELDS = {"data_dir", "download", "out", "quiet", "threads", "devices", 
                   "eval_every", "eval_budget", "eval_samples", "eval_deferred", "checkpoint_every",
                   "stall_timeout", "max_restarts", "faults", "multi_node", "root_timeout",
                   "rank_offset"}
-DEFAULT_TAU_ROOT = 4
-DEFAULT_BETA_ROOT = 0.9
 
 
 def torchrun_env() -> tuple[int, int] | None:
@@ -117,15 +121,15 @@ class BoxLink:
 
     rank: int
     world: int
-    tau_root: int
-    alpha_root: float
+    tau: int  # --box-tau: exchanges of this box's center between two rounds
+    alpha_root: float  # --box-beta / boxes
     timeout: float
     rounds: int = 0
     last_exchanges: float = 0.0
     bytes: int = 0  # sent and received by this box in all-reduces
     lock_seconds: list[float] = field(default_factory=list)  # the center's lock held per round
     round_seconds: list[float] = field(default_factory=list)  # the launcher's wait per round
-    mean: torch.Tensor | None = None  # the mean of the box centers at the last round
+    root: torch.Tensor | None = None  # this box's replica of the root (the same on every box)
     all_done: bool = False
     backend: str = "gloo"
     restarted: bool = False  # this start of the job follows a failure: every box resumes
@@ -138,7 +142,8 @@ class BoxLink:
 
     @classmethod
     def start(cls, config: TrainConfig) -> "BoxLink":
-        """Join the process group torchrun set up and check that every box runs the same job."""
+        """Join the process group torchrun set up and check that every box runs the same job.
+        ``config`` is validated (its --box-tau and --box-beta resolved)."""
         import torch.distributed as dist
 
         env = torchrun_env()
@@ -164,42 +169,61 @@ class BoxLink:
             raise ConfigError(f"the boxes disagree on the job (box {differ[0]}'s configuration "
                               "differs from box 0's: algorithm, model, data set, workers per box, "
                               "rates, ...); start every box with the same options")
-        opts = config.options
-        tau_root = opts.get("tau_root") or DEFAULT_TAU_ROOT
-        beta_root = opts.get("beta_root") or DEFAULT_BETA_ROOT
-        link = cls(rank, world, tau_root, beta_root / world, timeout)
+        link = cls(rank, world, config.box_tau, config.box_beta / world, timeout)
         link.backend, link.store, link.restarted = backend, store, max(counts) > 0
         return link
 
-    def due(self, exchanges: float, done: bool) -> bool:
-        return done or exchanges - self.last_exchanges >= self.tau_root
-
-    def round(self, center: Any, exchanges: float, done: bool) -> None:
-        """One round: every box's center toward the mean of all. ``center`` is the box's
-        shared center entry (a SharedTensor)."""
+    def start_root(self, center: torch.Tensor, saved: dict[str, Any] | None) -> None:
+        """The root every box starts from: box 0's, broadcast (its initial ``center``, a copy of
+        the box center, or the root of its checkpoint ``saved`` after a restart)."""
         import torch.distributed as dist
 
+        root = center.detach().to("cpu", torch.float32).clone()
+        if saved is not None:
+            root.copy_(saved["root"])
+            self.rounds = int(saved["rounds"])
+        self.root = self._collective(dist.broadcast, root, src=0)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the rounds: the root and their count."""
+        assert self.root is not None, "start_root() first"
+        return {"root": self.root.clone(), "rounds": self.rounds}
+
+    def due(self, exchanges: float, done: bool) -> bool:
+        return done or exchanges - self.last_exchanges >= self.tau
+
+    def round(self, center: Any, exchanges: float, done: bool) -> None:
+        """One round of synchronous EASGD between the box centers and the root (the module's
+        docstring). ``center`` is the box's shared center entry (a SharedTensor)."""
+        import torch.distributed as dist
+
+        assert self.root is not None, "start_root() first"
         t0 = time.perf_counter()
         snap = center.snapshot()  # under the lock, a copy
         n = snap.numel()
         buf = torch.cat([snap, torch.tensor([1.0 if done else 0.0])])  # float32, + the done flag
-        if self.backend == "nccl":
-            gpu = buf.cuda()
-            dist.all_reduce(gpu)
-            buf = gpu.cpu()
-        else:
-            dist.all_reduce(buf)
-        self.mean = buf[:n] / self.world
+        buf = self._collective(dist.all_reduce, buf)
         self.all_done = int(round(float(buf[n]))) == self.world
-        d = torch.sub(snap, self.mean).mul_(self.alpha_root).neg_()
+        d, root = rules.elastic_round(snap, self.root, buf[:n] / self.world, self.alpha_root,
+                                      self.world)
         held = time.perf_counter()
-        center.add_(d)  # c_k -= alpha_root (c_k - mean), an addition as an exchange is
+        center.add_(d.neg_())  # c_k -= alpha_root (c_k - r), an addition as an exchange is
         self.lock_seconds.append(time.perf_counter() - held)
+        self.root = root
         # Ring all-reduce: each box sends and receives 2 (W-1)/W of the buffer.
         self.bytes += int(2 * (self.world - 1) / self.world * buf.numel() * buf.element_size())
         self.rounds += 1
         self.last_exchanges = exchanges
         self.round_seconds.append(time.perf_counter() - t0)
+
+    def _collective(self, op: Any, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``op`` (all_reduce, broadcast) on a CPU tensor, through a GPU copy under NCCL."""
+        if self.backend != "nccl":
+            op(t, **kwargs)
+            return t
+        gpu = t.cuda()
+        op(gpu, **kwargs)
+        return gpu.cpu()
 
     def totals(self, values: list[float]) -> list[float]:
         """The sums of ``values`` over every box (one all-reduce)."""

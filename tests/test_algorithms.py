@@ -15,7 +15,7 @@ from easgd_local.evaluate import Evaluator
 from easgd_local.flat import flatten_
 from easgd_local.launcher import train
 from easgd_local.models import build_model
-from easgd_local.rules_reference import reference_sync_easgd_step
+from .rules_reference import reference_sync_easgd_step
 
 from .helpers import assert_no_leftovers, leftovers_snapshot
 
@@ -189,7 +189,7 @@ def test_downpour_keeps_batch_norm_statistics_sane(algo_momentum):
 def _replay_reference(config, steps, momentum):
     """Algorithms 1/2 of the paper on one worker, with the trainer's initial weights, data order
     and weight decay; returns (worker x, center) after ``steps`` local steps."""
-    from easgd_local.rules_reference import ReferenceAsyncEASGD
+    from .rules_reference import ReferenceAsyncEASGD
 
     torch.manual_seed(config.seed)
     init = Evaluator(config, 28, "cpu").state.flat.clone()

@@ -16,7 +16,7 @@ from easgd_local.algorithms.leader import leader
 from easgd_local.algorithms.tree import root_exchange_
 from easgd_local.config import ConfigError, TrainConfig
 from easgd_local.launcher import train
-from easgd_local.rules_reference import ReferenceAsyncEASGD, ReferenceEASGDTree, ReferenceLSGD
+from .rules_reference import ReferenceAsyncEASGD, ReferenceEASGDTree, ReferenceLSGD
 from easgd_local.shared import SharedState
 from easgd_local.worker import FAULT_ENV
 
@@ -39,14 +39,17 @@ def grad_oracle(point, worker, step):
 
 
 def loss_oracle(point, worker, step):
-    """Well separated per worker, so that the leaders do not hinge on rounding."""
-    return float((_flat(point) ** 2).mean()) + 0.37 * worker + 0.01 * step
+    """Well separated per worker, so that the leaders do not hinge on rounding; the order of the
+    workers differs from their ranks' and changes every 3 steps (5 is invertible mod 7), so a
+    leader chosen by rank, or never re-chosen, disagrees with the reference."""
+    return float((_flat(point) ** 2).mean()) + 0.37 * ((5 * worker + 3 * (step // 3)) % 7) + 0.01 * step
 
 
-def _communicators(algo, workers, seed=3, **options):
+def _communicators(algo, workers, seed=3, momentum=None, **options):
     """The real shared state and communicators of ``algo`` in this process, on CPU, each worker
     started (the round-robin tests drive them)."""
-    config = TrainConfig(algo=algo, workers=workers, options=options, lr=0.05, tau=2).validate()
+    config = TrainConfig(algo=algo, workers=workers, options=options, lr=0.05, tau=2,
+                         momentum=momentum).validate()
     x0 = torch.randn(N, generator=torch.Generator().manual_seed(seed))
     algorithm = get(algo)
     shared = algorithm.shared_state(config, x0, N)
@@ -61,17 +64,19 @@ def _communicators(algo, workers, seed=3, **options):
     return config, algorithm, shared, comms, ys, x0
 
 
-def _drive(comms, ys, config, steps, ref_step, check):
-    """Round-robin turns of the real communicators around real local steps."""
+def _drive(comms, ys, config, steps, ref_step, check, vs=None, momentum=0.0):
+    """Round-robin turns of the real communicators around real local steps (with Nesterov
+    momentum ``momentum`` on the velocities ``vs``)."""
     t = [0] * len(comms)
     for turn in range(steps):
         i = turn % len(comms)
+        v = None if vs is None else vs[i]
         point = _pieces(ys[i].clone())
         g = _flat(grad_oracle(point, i, t[i]))
         loss = torch.tensor(loss_oracle(point, i, t[i]))
-        comms[i].before_step(t[i], ys[i], None)
-        rules.local_step_(ys[i], g, config.lr)
-        comms[i].after_step(t[i], ys[i], None, loss)
+        comms[i].before_step(t[i], ys[i], v)
+        rules.local_step_(ys[i], g, config.lr, v=v, momentum=momentum)
+        comms[i].after_step(t[i], ys[i], v, loss)
         ref_step(i)
         t[i] += 1
         check(i)
@@ -80,11 +85,14 @@ def _drive(comms, ys, config, steps, ref_step, check):
 # --- EASGD-Tree --------------------------------------------------------------------------------
 
 def test_tree_agrees_with_the_literal_reference_step_for_step():
+    """6 workers in 2 groups of 3 (groups != group size, so a rate divided by the wrong one
+    disagrees): alpha = beta / 3 = 0.3, alpha_root = beta_root / 2 = 0.4, pinned."""
     config, algorithm, shared, comms, ys, x0 = _communicators(
-        "easgd-tree", 4, group_size=2, tau_root=3, beta_root=0.8)
-    opts = config.resolved_options
-    ref = ReferenceEASGDTree(_pieces(x0), 4, 2, lr=config.lr, alpha=config.resolved_alpha,
-                             tau=config.tau, tau_root=opts["tau_root"], alpha_root=opts["alpha_root"])
+        "easgd-tree", 6, group_size=3, tau_root=3, beta_root=0.8)
+    assert config.resolved_alpha == pytest.approx(0.3)
+    assert config.resolved_options["alpha_root"] == pytest.approx(0.4)
+    ref = ReferenceEASGDTree(_pieces(x0), 6, 3, lr=config.lr, alpha=0.3, tau=config.tau,
+                             tau_root=3, alpha_root=0.4)
 
     def check(i):
         torch.testing.assert_close(ys[i], _flat(ref.workers[i].x), rtol=1e-5, atol=1e-5)
@@ -92,8 +100,8 @@ def test_tree_agrees_with_the_literal_reference_step_for_step():
             torch.testing.assert_close(shared[f"group{g}"].data, _flat(ref.groups[g]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(shared["root"].data, _flat(ref.root), rtol=1e-5, atol=1e-5)
 
-    _drive(comms, ys, config, 200, lambda i: ref.step(i, grad_oracle), check)
-    assert sum(ref.counts) >= 6 * opts["tau_root"]  # several root exchanges happened
+    _drive(comms, ys, config, 300, lambda i: ref.step(i, grad_oracle), check)
+    assert sum(ref.counts) >= 6 * 3  # several root exchanges happened
     assert not torch.equal(shared["root"].data, x0)
     assert sum(c.bytes for c in comms) == sum(c.root_exchanges for c in comms) * 2 * N * 4
 
@@ -184,25 +192,59 @@ def test_leader_is_the_argmin_of_the_published_losses():
     assert leader([math.inf, math.inf], range(2)) is None
 
 
-@pytest.mark.parametrize("workers,group_size", [(4, 2), (3, 3)])
-def test_lsgd_agrees_with_the_literal_reference_step_for_step(workers, group_size):
+@pytest.mark.parametrize("workers,group_size,momentum", [(6, 3, 0.9), (4, 2, 0.0), (3, 3, 0.9)])
+def test_lsgd_agrees_with_the_literal_reference_step_for_step(workers, group_size, momentum):
     config, algorithm, shared, comms, ys, x0 = _communicators(
         "lsgd", workers, group_size=group_size, lam=0.2, lam_global=0.3, tau_global=4,
         leader_window=3)
-    opts = config.resolved_options
-    ref = ReferenceLSGD(_pieces(x0), workers, group_size, lr=config.lr, lam=opts["lam"],
-                        lam_global=opts["lam_global"], tau=config.tau,
-                        tau_global=opts["tau_global"], window=opts["leader_window"])
+    for c in comms:
+        c.momentum = momentum
+    ref = ReferenceLSGD(_pieces(x0), workers, group_size, lr=config.lr, lam=0.2, lam_global=0.3,
+                        tau=2, tau_global=4, window=3, momentum=momentum)
+    vs = [torch.zeros(N) for _ in range(workers)]
+    leaders = set()
 
     def check(i):
-        torch.testing.assert_close(ys[i], _flat(ref.workers[i].x), rtol=1e-5, atol=1e-5)
+        x = rules.current_x(ys[i], vs[i], momentum)
+        torch.testing.assert_close(x, _flat(ref.workers[i].x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(shared[f"slot{i}"].data, _flat(ref.slots[i]), rtol=1e-5, atol=1e-5)
+        leaders.add(ref._leader(range(workers)))
 
-    _drive(comms, ys, config, 40 * workers, lambda i: ref.step(i, grad_oracle, loss_oracle), check)
+    _drive(comms, ys, config, 40 * workers, lambda i: ref.step(i, grad_oracle, loss_oracle), check,
+           vs=vs, momentum=momentum)
     assert sum(c.reads for c in comms) > 5  # workers were pulled
+    assert len(leaders - {None}) >= 3  # the lead changed hands, not by rank
     reported = algorithm.reported(shared, config)
     best = min(range(workers), key=lambda r: ref.losses[r])
     torch.testing.assert_close(reported, _flat(ref.slots[best]), rtol=1e-5, atol=1e-5)
+    average = torch.stack([_flat(s) for s in ref.slots]).mean(0)
+    torch.testing.assert_close(algorithm.also_reported(shared, config)["average"], average.float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lsgd_one_bad_loss_costs_one_reset():
+    """tau = window = 4 and one NaN loss at step 3, not a publication step: the publication at
+    step 4 finds it and the worker starts again from its last publication, once. A loss window
+    kept across the reset would throw it back again at step 8."""
+    from easgd_local.center import Diverged
+
+    config, algorithm, shared, comms, ys, x0 = _communicators(
+        "lsgd", 2, group_size=2, leader_window=4, tau_global=4)
+    comm, y = comms[0], ys[0]
+    comm.tau = 4
+    resets = []
+    for step in range(16):
+        loss = torch.tensor(float("nan") if step == 3 else 1.0 / (step + 1))
+        try:
+            comm.before_step(step, y, None)
+            y.add_(0.01)  # a local step
+            comm.after_step(step, y, None, loss)
+        except Diverged:
+            comm.reset(y)  # as the worker does
+            resets.append(step)
+    assert resets == [4]
+    torch.testing.assert_close(y, shared["slot0"].data + 0.01 * 4)  # steps 12-15 since step 12's publication
+    assert float(shared["slot0.loss"].data[0]) == pytest.approx(sum(1 / (s + 1) for s in range(8, 12)) / 4)
 
 
 def _publisher(shared, config, rank, rounds):
@@ -248,11 +290,12 @@ def test_lsgd_slots_are_never_read_half_written():
 
 @pytest.mark.slow
 def test_lsgd_without_pulls_is_independent_sgd(tmp_path):
-    """lam = lam_G = 0: worker 0 follows sgd with the same seed and data order, exactly."""
+    """lam = lam_G = 0 and no momentum: worker 0 follows sgd with the same seed and data order,
+    exactly."""
     from easgd_local.checkpoint import Checkpointer, unpack_state
 
     common = dict(quiet=True, steps=40, lr=0.05, threads=1, eval_every=100.0, checkpoint_every=None)
-    train(TrainConfig(algo="lsgd", workers=2, out=tmp_path / "lsgd",
+    train(TrainConfig(algo="lsgd", workers=2, out=tmp_path / "lsgd", momentum=0.0,
                       options={"lam": 0.0, "lam_global": 0.0}, **common))
     train(TrainConfig(algo="sgd", out=tmp_path / "sgd", **common))
     worker0 = unpack_state(Checkpointer(tmp_path / "lsgd").load()["workers"][0])["flat"]
@@ -265,7 +308,7 @@ def test_lsgd_without_pulls_is_independent_sgd(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["easgd-tree", "lsgd"])
 def test_trains_and_survives_a_dead_worker_and_a_nan(tmp_path, monkeypatch, algo):
-    monkeypatch.setenv(FAULT_ENV, "1:40:kill,2:60:nan")
+    monkeypatch.setenv(FAULT_ENV, "1:40:kill,2:63:nan")  # the NaN between two exchanges
     before = leftovers_snapshot()
     config = TrainConfig(algo=algo, out=tmp_path / "run", quiet=True, workers=4, steps=250,
                          eval_every=100.0)

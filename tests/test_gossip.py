@@ -8,9 +8,10 @@ import torch
 
 from easgd_local import rules
 from easgd_local.algorithms.elastic import DynamicWeighting, add_weighting_entries
+from easgd_local.center import Diverged
 from easgd_local.config import ConfigError, TrainConfig
 from easgd_local.launcher import train
-from easgd_local.rules_reference import ReferenceGossip
+from .rules_reference import ReferenceGossip
 from easgd_local.shared import SharedState
 from easgd_local.worker import FAULT_ENV
 
@@ -22,20 +23,91 @@ def _gossipers(algo, workers, **options):
     return _communicators(algo, workers, seed=5, **options)
 
 
-def test_a_pair_exchange_conserves_the_pair():
+def _values(shared, ys):
+    """Each worker's whole value: its parameters plus the moves waiting in its inbox."""
+    return [y.double() + shared[f"inbox{r}"].data.double() for r, y in enumerate(ys)]
+
+
+def _spread(values):
+    mean = sum(values) / len(values)
+    return float(sum(((v - mean) ** 2).sum() for v in values))
+
+
+def test_a_mutual_pick_meets_at_the_mean_once():
+    """Two workers pick each other in the same period: the first exchange brings both to their
+    mean, the second finds them there and moves nothing (counting the pair twice, or reading a
+    peer's value without its inbox, swaps them instead)."""
     config, algorithm, shared, comms, ys, x0 = _gossipers("elastic-gossip", 2, gossip_prob=1.0)
-    ys[1].add_(torch.randn(N))  # the pair apart
-    before = ys[0].double() + ys[1].double()
-    comms[0].before_step(0, ys[0], None)  # worker 0 picks worker 1 (the only peer)
-    comms[0].after_step(0, ys[0], None, torch.tensor(0.0))
-    comms[1].after_step(0, ys[1], None, torch.tensor(0.0))  # worker 1 takes in its share
-    torch.testing.assert_close(ys[0].double() + ys[1].double(), before, rtol=0, atol=1e-6)
-    assert comms[0].initiated == 1 and comms[1].received == 1
-    assert torch.equal(shared["inbox1"].data, torch.zeros(N))
+    ys[1].add_(torch.randn(N, generator=torch.Generator().manual_seed(1)))
+    comms[1].before_step(0, ys[1], None)  # worker 1 publishes its value (and picks worker 0)
+    ys[0].copy_(x0)
+    shared["inbox0"].data.zero_()
+    shared["inbox0.count"].data.zero_()  # ... so that worker 0 starts from x0, worker 1 apart
+    comms[1].initiated = 0
+    published = shared["slot1"].data.clone()
+    total = ys[0].double() + published.double()
+    comms[0].before_step(0, ys[0], None)  # 0 picks 1
+    comms[1].before_step(1, ys[1], None)  # 1 picks 0 in the same period
+    values = _values(shared, ys)
+    torch.testing.assert_close(values[0], total / 2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values[1], total / 2, rtol=0, atol=1e-5)
+    assert comms[0].initiated == 1 and comms[1].initiated == 1 and comms[1].received == 1
 
 
-@pytest.mark.parametrize("algo", ["elastic-gossip", "gossip-sgd"])
-def test_gossip_agrees_with_the_literal_reference_step_for_step(algo):
+@pytest.mark.parametrize("schedule", ["round-robin", "random"])
+@pytest.mark.parametrize("prob", [1.0, 1 / 8])
+@pytest.mark.parametrize("workers", [2, 4, 8, 16])
+def test_gossip_alone_reaches_consensus(workers, prob, schedule):
+    """No gradients: only gossip acts, through the real communicators and shared state. The sum
+    of the workers and their inboxes never changes, the spread between the workers never grows,
+    and it falls below 1e-3 of its start (1e-6 in squares) within a bounded number of turns."""
+    config, algorithm, shared, comms, ys, x0 = _gossipers(
+        "elastic-gossip", workers, gossip_prob=prob)
+    gen = torch.Generator().manual_seed(workers)
+    for r in range(workers):  # the workers far apart, each from its own publication
+        ys[r].add_(torch.randn(N, generator=gen) * (1 + r))
+        shared[f"slot{r}"].data.copy_(ys[r])
+    total = sum(_values(shared, ys))
+    start = last = _spread(_values(shared, ys))
+    steps = [0] * workers
+    for turn in range(4000 * workers if prob < 1 else 400 * workers):
+        i = turn % workers if schedule == "round-robin" else int(torch.randint(0, workers, (), generator=gen))
+        comms[i].before_step(steps[i], ys[i], None)
+        comms[i].after_step(steps[i], ys[i], None, torch.tensor(0.0))
+        steps[i] += 1
+        values = _values(shared, ys)
+        spread = _spread(values)
+        assert spread <= last * (1 + 1e-5) + 1e-9, (turn, spread, last)  # float32 rounding
+        last = spread
+        if spread < 1e-6 * start:
+            break
+    assert last < 1e-6 * start, (last / start, sum(c.initiated for c in comms))
+    torch.testing.assert_close(sum(values), total, rtol=0, atol=1e-4)
+
+
+def test_a_reset_after_divergence_keeps_the_sum():
+    """A worker whose parameters turn non-finite starts again from its slot plus its inbox: what
+    its peers sent it stays, so the sum of the workers and inboxes is unchanged."""
+    config, algorithm, shared, comms, ys, x0 = _gossipers("elastic-gossip", 4, gossip_prob=1.0)
+    gen = torch.Generator().manual_seed(3)
+    for r in range(4):
+        ys[r].add_(torch.randn(N, generator=gen))
+        shared[f"slot{r}"].data.copy_(ys[r])
+    for turn in range(6):  # exchanges leave moves in some inboxes
+        comms[turn % 4].before_step(turn // 4, ys[turn % 4], None)
+    total = sum(_values(shared, ys))
+    assert any(float(shared[f"inbox{r}"].data.abs().sum()) > 0 for r in range(4))
+    victim = next(r for r in range(4) if float(shared[f"inbox{r}"].data.abs().sum()) > 0)
+    ys[victim].fill_(float("nan"))
+    with pytest.raises(Diverged):
+        comms[victim].before_step(2, ys[victim], None)
+    comms[victim].reset(ys[victim])
+    torch.testing.assert_close(sum(_values(shared, ys)), total, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo,momentum", [("elastic-gossip", 0.0), ("elastic-gossip", 0.9),
+                                           ("gossip-sgd", 0.9)])
+def test_gossip_agrees_with_the_literal_reference_step_for_step(algo, momentum):
     config, algorithm, shared, comms, ys, x0 = _gossipers(algo, 4, gossip_prob=0.5, gossip_period=2)
     mirror = [torch.Generator().manual_seed(config.seed * 7919 + r) for r in range(4)]
 
@@ -45,34 +117,43 @@ def test_gossip_agrees_with_the_literal_reference_step_for_step(algo):
         pick = int(torch.randint(0, 3, (), generator=mirror[i]))
         return pick + (pick >= i)
 
+    for c in comms:
+        c.momentum = momentum
     ref = ReferenceGossip(_pieces(x0), 4, lr=config.lr,
                           alpha=config.resolved_alpha if algo == "elastic-gossip" else 0.5,
-                          period=2, symmetric=algo == "elastic-gossip", choose=choose)
+                          period=2, symmetric=algo == "elastic-gossip", choose=choose,
+                          momentum=momentum)
+    vs = [torch.zeros(N) for _ in range(4)]
 
     def check(i):
-        torch.testing.assert_close(ys[i], _flat(ref.workers[i].x), rtol=1e-5, atol=1e-5)
+        x = rules.current_x(ys[i], vs[i], momentum)
+        torch.testing.assert_close(x, _flat(ref.workers[i].x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared[f"slot{i}"].data, _flat(ref.slots[i]), rtol=1e-5, atol=1e-5)
 
-    _drive(comms, ys, config, 160, lambda i: ref.step(i, grad_oracle), check)
+    _drive(comms, ys, config, 160, lambda i: ref.step(i, grad_oracle), check, vs=vs, momentum=momentum)
     assert sum(c.initiated for c in comms) > 20
-    if algo == "elastic-gossip":
-        # The aggregate: the workers as last published, with what their inboxes hold.
-        slots = torch.stack([_flat(s) for s in ref.slots]).mean(0)
-        inbox = torch.stack([_flat(b) for b in ref.inbox]).mean(0)
-        torch.testing.assert_close(algorithm.reported(shared, config), slots + inbox, rtol=1e-4, atol=1e-4)
+    # The aggregate: the workers as last published, with what their inboxes hold.
+    slots = torch.stack([_flat(s) for s in ref.slots]).mean(0)
+    inbox = torch.stack([_flat(b) for b in ref.inbox]).mean(0)
+    torch.testing.assert_close(algorithm.reported(shared, config), slots + inbox, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_without_gossip_the_workers_are_independent_runs(tmp_path):
+    """Probability 0: worker 0 is Nesterov SGD (msgd) with the same seed, data order and
+    momentum, exactly."""
     from easgd_local.checkpoint import Checkpointer, unpack_state
 
-    common = dict(quiet=True, steps=40, lr=0.05, threads=1, eval_every=100.0, checkpoint_every=None)
+    common = dict(quiet=True, steps=40, lr=0.01, momentum=0.9, threads=1, eval_every=100.0,
+                  checkpoint_every=None)
     s = train(TrainConfig(algo="elastic-gossip", workers=2, out=tmp_path / "g",
                           options={"gossip_prob": 0.0}, **common))
-    train(TrainConfig(algo="sgd", out=tmp_path / "sgd", **common))
-    worker0 = unpack_state(Checkpointer(tmp_path / "g").load()["workers"][0])["flat"]
-    sgd = Checkpointer(tmp_path / "sgd").load()["algorithm"]["model"]
-    torch.testing.assert_close(worker0, sgd, rtol=0, atol=1e-6)
-    assert s["exchanges"] == 0 and s["bytes_exchanged"] == 0
+    train(TrainConfig(algo="msgd", out=tmp_path / "msgd", **common))
+    worker0 = unpack_state(Checkpointer(tmp_path / "g").load()["workers"][0])
+    x0 = rules.current_x(worker0["flat"], worker0["v"], 0.9)
+    msgd = Checkpointer(tmp_path / "msgd").load()["algorithm"]["model"]
+    torch.testing.assert_close(x0, msgd, rtol=0, atol=1e-6)
+    assert s["exchanges"] == 0
     records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert "worker0_test_accuracy" in records[-1]
 

@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch.distributed as dist
+
 from easgd_local.checkpoint import Checkpointer
 from easgd_local.cli import main
+from easgd_local.config import TrainConfig
+from easgd_local.multinode import BoxLink, config_hash
+from easgd_local.shared import ProcessLock, SharedTensor
 
 from .helpers import _children
 
@@ -87,10 +92,120 @@ def test_multi_node_refuses_an_algorithm_without_a_center(capsys, tmp_path):
     assert "has none" in capsys.readouterr().err
 
 
+def test_one_round_moves_the_box_toward_the_root_and_the_root_toward_the_mean(monkeypatch):
+    """Synchronous EASGD one level up, pinned on numbers exact in float32: box 0's center moves
+    toward the root, not toward the boxes' mean; the root moves toward the mean at 2 alpha."""
+    c0 = torch.tensor([1.0, -2.0, 4.0, 0.5, 8.0])
+    c1 = torch.tensor([3.0, 0.0, -4.0, 2.5, 8.0])  # the other box's center
+    r = torch.tensor([0.0, 1.0, 2.0, -1.0, 6.0])
+    alpha = 0.25
+    seen = []
+
+    def other_box(t, **kwargs):  # the all-reduce adds box 1's center and its done flag
+        seen.append(t.clone())
+        t.add_(torch.cat([c1, torch.tensor([1.0])]))
+
+    monkeypatch.setattr(dist, "all_reduce", other_box)
+    center = SharedTensor(c0, ProcessLock())
+    link = BoxLink(rank=0, world=2, tau=4, alpha_root=alpha, timeout=1.0, root=r.clone())
+    try:
+        link.round(center, exchanges=4.0, done=True)
+        assert torch.equal(seen[0], torch.cat([c0, torch.tensor([1.0])]))
+        assert torch.equal(center.data, c0 - alpha * (c0 - r))
+        assert torch.equal(link.root, r + 2 * alpha * ((c0 + c1) / 2 - r))
+        assert link.all_done and link.rounds == 1 and link.last_exchanges == 4.0
+        assert torch.equal(link.state()["root"], link.root) and link.state()["rounds"] == 1
+    finally:
+        center.lock.close()
+
+
+def test_the_root_is_box_0s_and_comes_back_from_a_checkpoint(monkeypatch):
+    """start_root broadcasts from box 0: its initial center, or the root of its checkpoint."""
+    box0 = torch.tensor([5.0, 6.0])
+    calls = []
+
+    def from_box_0(t, src):  # what box 1 receives
+        calls.append(src)
+        t.copy_(box0)
+
+    monkeypatch.setattr(dist, "broadcast", from_box_0)
+    link = BoxLink(rank=1, world=2, tau=4, alpha_root=0.45, timeout=1.0)
+    link.start_root(torch.tensor([1.0, 2.0]), None)
+    assert torch.equal(link.root, box0) and link.rounds == 0
+    # After a restart box 1 has a root of its own, saved at another round: box 0's wins.
+    link = BoxLink(rank=1, world=2, tau=4, alpha_root=0.45, timeout=1.0)
+    link.start_root(torch.tensor([1.0, 2.0]), {"root": torch.tensor([3.0, 4.0]), "rounds": 9})
+    assert torch.equal(link.root, box0) and link.rounds == 9
+    saved = {"root": torch.tensor([7.0, 8.0]), "rounds": 12}
+    monkeypatch.setattr(dist, "broadcast", lambda t, src: calls.append(src))  # we are box 0
+    link = BoxLink(rank=0, world=2, tau=4, alpha_root=0.45, timeout=1.0)
+    link.start_root(torch.tensor([1.0, 2.0]), saved)
+    assert torch.equal(link.root, saved["root"]) and link.rounds == 12 and calls == [0, 0, 0]
+
+
+BOX_ALGOS = ["easgd", "eamsgd", "downpour", "easgd-tree"]
+BAD_BOX = [(["--box-beta", "-1"], "--box-beta must be in (0, 1]"),
+           (["--box-beta", "7"], "--box-beta must be in (0, 1]"),
+           (["--box-beta", "0"], "--box-beta must be in (0, 1]"),
+           (["--box-beta", "nan"], "--box-beta must be a finite number"),
+           (["--box-tau", "0"], "--box-tau must be >= 1")]
+
+
+@pytest.mark.parametrize("algo", BOX_ALGOS)
+@pytest.mark.parametrize("args,needle", BAD_BOX, ids=[" ".join(a) for a, _ in BAD_BOX])
+def test_bad_box_options_are_one_line(algo, args, needle, capsys, tmp_path, monkeypatch):
+    """Checked before torchrun's environment is looked for: one line, exit 2, nothing written."""
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "r"
+    assert main(["train", "--multi-node", "--algo", algo, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--box-tau", "4"], "--box-tau applies to the rounds between boxes"),
+    (["--box-beta", "0.5"], "--box-beta applies to the rounds between boxes"),
+    (["--multi-node", "--algo", "easgd", "--tau-root", "2"],
+     "--tau-root applies to easgd-tree, not easgd"),
+    (["--multi-node", "--algo", "eamsgd", "--beta-root", "0.5"],
+     "--beta-root applies to easgd-tree"),
+])
+def test_box_options_go_with_multi_node_and_tree_options_with_the_tree(args, needle, capsys,
+                                                                         tmp_path):
+    assert main(["train", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err, err
+
+
+def test_the_tree_takes_both_levels_and_the_boxes_agree_on_them(capsys, tmp_path, monkeypatch):
+    """easgd-tree under --multi-node: --tau-root is the tree's in a box, --box-tau the boxes'
+    (validation passes; torchrun's environment is what is missing). --box-tau and --box-beta are
+    part of what the boxes must agree on."""
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    args = ["train", "--multi-node", "--algo", "easgd-tree", "--workers", "2", "--tau-root", "2",
+            "--beta-root", "0.5", "--box-tau", "3", "--box-beta", "0.7",
+            "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert "torchrun" in capsys.readouterr().err
+    config = TrainConfig(algo="easgd-tree", workers=2, multi_node=True, box_tau=3, box_beta=0.7,
+                         options={"tau_root": 2, "beta_root": 0.5}).validate()
+    assert config.resolved_options["tau_root"] == 2 and config.box_tau == 3
+    default = TrainConfig(algo="easgd", workers=1, multi_node=True).validate()
+    assert (default.box_tau, default.box_beta) == (4, 0.9)
+    same = TrainConfig(algo="easgd", workers=1, multi_node=True, box_tau=4, box_beta=0.9).validate()
+    assert config_hash(same) == config_hash(default)
+    for change in ({"box_tau": 5}, {"box_beta": 0.8}):
+        other = TrainConfig(algo="easgd", workers=1, multi_node=True, **change).validate()
+        assert config_hash(other) != config_hash(default)
+
+
 @pytest.mark.slow
 def test_two_boxes_train_to_97_and_agree(tmp_path):
     out, port = tmp_path / "job", _port()
-    boxes = [_box(out, port, ["--epochs", "6", "--tau-root", "4"]) for _ in range(2)]
+    boxes = [_box(out, port, ["--epochs", "6", "--box-tau", "4"]) for _ in range(2)]
     try:
         results = [p.communicate(timeout=280) for p in boxes]
     finally:
@@ -100,13 +215,19 @@ def test_two_boxes_train_to_97_and_agree(tmp_path):
     assert summary["boxes"] == 2 and summary["final_test_accuracy"] >= 0.97, summary
     assert summary["root_rounds"] > 10 and summary["bytes_between_boxes"] > 0
     assert summary["total_samples_all_boxes"] == 2 * summary["total_samples"]
-    # The box centers, tied elastically, end close to each other; a round moves both by the same
-    # amount toward their mean, so the mean reported (center.pt) is exactly theirs.
-    c0 = Checkpointer(out / "box-0").load()["algorithm"]["center"]
-    c1 = Checkpointer(out / "box-1").load()["algorithm"]["center"]
+    assert summary["box_tau"] == 4 and summary["alpha_root"] == pytest.approx(0.9 / 2)
+    # The box centers, tied elastically to the root, end close to each other. The root is
+    # replicated: both boxes end after the same last round with the same root, and that root is
+    # the model reported (center.pt), not the mean of the centers.
+    saved = [Checkpointer(out / f"box-{k}").load() for k in (0, 1)]
+    c0, c1 = (s["algorithm"]["center"] for s in saved)
     assert float((c0 - c1).norm() / c0.norm()) < 0.25
+    root = saved[0]["box"]["root"]
+    assert torch.equal(root, saved[1]["box"]["root"])
+    assert saved[0]["box"]["rounds"] == saved[1]["box"]["rounds"] == summary["root_rounds"]
     center = torch.cat([t.reshape(-1) for t in torch.load(out / "center.pt", weights_only=True).values()])
-    torch.testing.assert_close(center, (c0 + c1) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(center, root.to(center.dtype), rtol=0, atol=0)
+    assert not torch.equal(root, (c0 + c1) / 2)
 
 
 @pytest.mark.slow
@@ -128,7 +249,7 @@ def test_a_box_killed_mid_run(tmp_path, restarts):
     its own checkpoint, and finishes; without, the other box ends within --root-timeout with one
     line and a checkpoint, whichever notices first: its exchange or its torchrun agent."""
     out, port = tmp_path / "job", _port()
-    extra = ["--steps", "700", "--checkpoint-every", "1", "--root-timeout", "20", "--tau-root", "4"]
+    extra = ["--steps", "700", "--checkpoint-every", "1", "--root-timeout", "20", "--box-tau", "4"]
     boxes = [_box(out, port, extra, restarts=restarts) for _ in range(2)]
     try:
         deadline = time.monotonic() + 180
@@ -147,6 +268,10 @@ def test_a_box_killed_mid_run(tmp_path, restarts):
         assert [p.returncode for p in boxes] == [0, 0], results
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps_per_worker"] == [700]
+        # Each box resumed its center from its own checkpoint and the root from box 0's: the
+        # replicas agree to the end.
+        roots = [Checkpointer(out / f"box-{k}").load()["box"]["root"] for k in (0, 1)]
+        assert torch.equal(roots[0], roots[1])
     else:
         assert boxes[0].returncode != 0
         # Box 0 ends either way with its checkpoint: its exchange fails, or its own torchrun

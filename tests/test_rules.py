@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from easgd_local import rules
-from easgd_local.rules_reference import ReferenceAsyncEASGD
+from .rules_reference import ReferenceAsyncEASGD
 
 from .helpers import flat_of as _flat, pieces_of as _pieces
 
@@ -137,3 +137,64 @@ def test_quadratic_stability_region():
     bound = (4 - 2 * eta) / (4 - eta)  # 2/3
     assert run(eta, 0.9 * bound) < 1e-6
     assert run(eta, 1.1 * bound) > 1e3
+
+
+# --- the family's rules -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo,momentum", [("downpour", 0.0), ("mdownpour", 0.9)])
+def test_downpour_master_agrees_with_the_literal_reference_step_for_step(algo, momentum):
+    """3 workers, tau 2, round-robin, through the real communicators and the shared center."""
+    from .test_family import N, _communicators, _drive, _pieces as pieces, grad_oracle
+    from .rules_reference import ReferenceDOWNPOUR
+
+    config, algorithm, shared, comms, ys, x0 = _communicators(algo, 3, momentum=momentum or None)
+    assert config.resolved_momentum == momentum
+    ref = ReferenceDOWNPOUR(pieces(x0), 3, lr=config.lr, tau=2, momentum=momentum)
+
+    def check(i):
+        torch.testing.assert_close(ys[i], _flat(ref.workers[i].x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared["center"].data, _flat(ref.center), rtol=1e-5, atol=1e-5)
+
+    _drive(comms, ys, config, 60, lambda i: ref.step(i, grad_oracle), check)
+    assert not torch.equal(shared["center"].data, x0)
+
+
+def test_elastic_round_is_easgd_with_a_persistent_parent():
+    from .rules_reference import reference_elastic_round
+
+    gen = torch.Generator().manual_seed(9)
+    children = [torch.randn(20, generator=gen) for _ in range(3)]
+    parent = torch.randn(20, generator=gen)
+    alpha = 0.9 / 3
+    want_children, want_parent = reference_elastic_round(children, parent, alpha)
+    mean = sum(children) / 3
+    for c, want in zip(children, want_children):
+        d, new_parent = rules.elastic_round(c, parent, mean, alpha, 3)
+        torch.testing.assert_close(c - d, want)
+        torch.testing.assert_close(new_parent, want_parent)
+    # The parent is not the children's mean (that would be a rate of 1, partial averaging).
+    assert float((new_parent - mean).abs().max()) > 1e-2
+
+
+def test_dynamic_rate_stays_in_zero_one():
+    """--alpha 0.5 with 4 workers (beta = 2), and one live: beta / live would be 2 (the gap
+    multiplied by -3 at each exchange); the rate is capped at max(alpha, 1/2)."""
+    p, beta = 4, 2.0
+    far = [1000, 1000, 1000]  # the other three not heard of for long: dead
+    rate = rules.dynamic_rate(beta, 3, [3, 3, 3, 3], far, p)
+    assert 0 < rate < 1 and rate == pytest.approx(0.5)
+    assert rules.dynamic_rate(beta, 3, [3, 3, 3, 3], [1000, 1000, 2], p) == pytest.approx(0.5)
+    # beta = 0.9: one live worker of four gets min(0.9, max(0.225, 0.5)) = 0.5; two get 0.45.
+    assert rules.dynamic_rate(0.9, 3, [3, 3, 3, 3], far, p) == pytest.approx(0.5)
+    assert rules.dynamic_rate(0.9, 3, [3, 3, 3, 3], [1, 1000, 1000], p) == pytest.approx(0.45)
+    for live_ages in ([1, 2, 3], [1, 2, 1000], [1, 1000, 1000], far):
+        for k in (1, 3, 30, 3000):
+            assert 0 < rules.dynamic_rate(beta, k, [3, 3, 3, k], live_ages, p) < 1
+
+
+def test_dynamic_weighting_refuses_a_rate_of_one():
+    from easgd_local.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="below 1"):
+        TrainConfig(algo="easgd", workers=4, alpha=1.0, options={"weighting": "dynamic"}).validate()
+    TrainConfig(algo="easgd", workers=4, alpha=0.9, options={"weighting": "dynamic"}).validate()

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import rules
 from ..center import CenterLink, SharedCenter
+from ..config import ConfigError
 from ..control import AGREED_STOP
 from ..shared import SharedState
 from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext
@@ -18,6 +19,15 @@ from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerConte
 WEIGHTING = Option("weighting", str, "Moving rate per exchange: none (the paper's, fixed) or "
                    "dynamic (weighted down for stragglers, beta kept over the live workers; "
                    "see rules.dynamic_rate).", choices=("none", "dynamic"))
+
+
+def resolve_weighting(config: Any) -> str:
+    """--weighting, checked: the dynamic rate stays below 1 only if the fixed rate does."""
+    weighting = config.options.get("weighting") or "none"
+    if weighting == "dynamic" and config.resolved_alpha >= 1:
+        raise ConfigError("--weighting dynamic needs a moving rate below 1 (got --alpha "
+                          f"{config.resolved_alpha:g}): at 1 a worker and the center swap places")
+    return weighting
 
 
 def add_weighting_entries(state: SharedState, center: str, members: int) -> None:
@@ -115,7 +125,7 @@ class EASGD(Algorithm):
     options = (WEIGHTING,)
 
     def validate(self, config: Any) -> None:
-        config.resolved_options["weighting"] = config.options.get("weighting") or "none"
+        config.resolved_options["weighting"] = resolve_weighting(config)
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
         state = SharedCenter(init, lock=config.lock, n_params=n_params).state

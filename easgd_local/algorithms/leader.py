@@ -15,8 +15,13 @@ The update, the paper's eq. 2, with every term taken at the worker's pre-step x:
 - Asynchronous: a worker reads a leader's slot without waiting for that worker's step. Each slot
   has its own lock, held while it is written (params and loss together) and while it is copied
   out, so a read never sees half of one publication.
+- Nesterov momentum (``--momentum``, 0.9 by default, as the authors ran it) acts on the local
+  steps only: the pulls move the iterate x and never enter the velocity, and the slots hold x.
+- A worker that diverges starts again from its last publication with an empty loss window, so
+  one bad loss costs one reset.
 - The model reported is the global leader's parameters: LSGD's theory is about the leader, a
-  stationary point of the original loss.
+  stationary point of the original loss. The average of the workers' slots, the model the
+  authors evaluate, is recorded beside it (``average_test_accuracy``).
 
 The authors' code also pulls toward the last leader after every step (a proximal term, off with
 ``--no_prox``); the paper's equation has no such term, and neither does this.
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import rules
 from ..center import Diverged, Link
 from ..config import ConfigError
 from ..shared import SharedState
@@ -71,6 +77,7 @@ class LeaderPull(Communicator):
     def __init__(self, ctx: WorkerContext):
         c, opts = ctx.config, ctx.config.resolved_options
         self.rank, self.workers, self.tau = ctx.rank, c.workers, c.tau
+        self.momentum = c.resolved_momentum
         self.lam, self.lam_global = opts["lam"], opts["lam_global"]
         self.tau_global, self.window = opts["tau_global"], opts["leader_window"]
         size = opts["group_size"]
@@ -90,9 +97,15 @@ class LeaderPull(Communicator):
     def start(self, y: Tensor) -> None:
         self.own.pull(y)  # the initial weights, or this worker's last publication
 
+    def reset(self, y: Tensor) -> None:
+        """After a divergence: from the last publication, with the bad losses forgotten."""
+        self.recent.fill_(math.nan)
+        self.seen = 0
+        self.start(y)
+
     def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
         if step % self.tau == 0:
-            self.timed(self._publish_and_pull, step, y)
+            self.timed(self._publish_and_pull, step, y, v)
         return True
 
     def after_step(self, step: int, y: Tensor, v: Tensor | None, loss: Tensor) -> None:
@@ -104,11 +117,12 @@ class LeaderPull(Communicator):
             return math.inf  # nothing to stand on yet: never a leader
         return float(self.recent[: min(self.seen, self.window)].mean())  # one sync per tau steps
 
-    def _publish_and_pull(self, step: int, y: Tensor) -> None:
+    def _publish_and_pull(self, step: int, y: Tensor, v: Tensor | None) -> None:
         loss = self._mean_loss()
         if (self.seen and not math.isfinite(loss)) or not bool(torch.isfinite(y).all()):
             raise Diverged("non-finite parameters or loss")
-        host = self.own.to_host(y)
+        x = rules.current_x(y, v, self.momentum)
+        host = self.own.to_host(x)
         with self.own.entry.guard():  # params and loss, one publication
             self.own.entry.data.copy_(host)
             self.own_loss.data[0] = loss
@@ -119,15 +133,15 @@ class LeaderPull(Communicator):
             targets.append((leader(losses, self.group), self.lam))
         if step % self.tau_global == 0:
             targets.append((leader(losses, range(self.workers)), self.lam_global))
-        d = None
+        pulls = []
         for who, lam in targets:
             if who is None or who == self.rank or lam == 0:
                 continue  # no leader yet, or this worker leads: it does not pull itself
-            diff = torch.sub(y, self.peers[who].read_whole()).mul_(lam)  # from the pre-step x
+            pulls.append((self.peers[who].read_whole(), lam))  # from the pre-step x
             self.reads += 1
-            d = diff if d is None else d.add_(diff)
+        d = rules.leader_pull(x, pulls)
         if d is not None:
-            y.sub_(d)
+            y.sub_(d)  # moves x and the look-ahead alike: the momentum never sees it
 
     def close(self) -> None:
         self.own.close()
@@ -154,7 +168,8 @@ class LeaderPull(Communicator):
 class LSGD(Algorithm):
     name = "lsgd"
     summary = "Leader SGD: workers pulled toward the best worker of their group and of all"
-    default_step = 0.15  # its workers take sgd's steps
+    default_step = 0.4  # the effective step lr / (1 - momentum), as eamsgd's (4-worker sweep)
+    local_momentum = True  # as the authors ran it (Nesterov momentum 0.9)
     options = (GROUP_SIZE, LAM, LAM_GLOBAL, TAU_GLOBAL, LEADER_WINDOW)
     reports = "the global leader's parameters"
 
@@ -172,6 +187,9 @@ class LSGD(Algorithm):
             if value < 1:
                 raise ConfigError(f"{option.flag} must be >= 1 (got {value})")
             opts[option.name] = value
+        if opts["tau_global"] % config.tau:
+            raise ConfigError(f"--tau-global must be a multiple of --tau (got {opts['tau_global']} "
+                              f"with --tau {config.tau}): pulls come at publications, every tau steps")
         config.resolved_options.update(group_size=size, groups=config.workers // size, **opts)
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
@@ -185,6 +203,12 @@ class LSGD(Algorithm):
     def reported(self, shared: SharedState, config: Any) -> Tensor:
         best = leader(published_losses(shared, config.workers), range(config.workers))
         return shared[slot_name(0 if best is None else best)].snapshot()
+
+    def also_reported(self, shared: SharedState, config: Any) -> dict[str, Tensor]:
+        total = shared[slot_name(0)].snapshot()
+        for r in range(1, config.workers):
+            total.add_(shared[slot_name(r)].snapshot())
+        return {"average": total.div_(config.workers)}
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
         return LeaderPull(ctx)

@@ -35,11 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import rules
 from ..center import CenterLink, Diverged, SharedCenter
 from ..config import ConfigError
 from ..shared import SharedState, SharedTensor, crash_signal, crash_halfway
 from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext, check_range
-from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries
+from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries, resolve_weighting
 from .groups import GROUP_SIZE, group_of, resolve_group_size
 
 TAU_ROOT = Option("tau_root", int, "Exchanges of a group with its center between two exchanges "
@@ -57,7 +58,7 @@ def root_exchange_(group: SharedTensor, root: SharedTensor, alpha_root: float) -
     group center (see the module doc for what a crash in between leaves). Returns d."""
     with group.guard():
         with root.guard():
-            d = torch.sub(group.data, root.data).mul_(alpha_root)
+            d = rules.elastic_difference(group.data, root.data, alpha_root)
             if not bool(torch.isfinite(d).all()):
                 raise Diverged("non-finite group center")
             if root.crash_in_lock:
@@ -130,7 +131,7 @@ class EASGDTree(Algorithm):
         groups = config.workers // size
         config.resolved_options.update(group_size=size, groups=groups, tau_root=tau_root,
                                        beta_root=beta_root, alpha_root=beta_root / groups,
-                                       weighting=config.options.get("weighting") or "none")
+                                       weighting=resolve_weighting(config))
 
     def resolve_alpha(self, config: Any, alpha: float | None, beta: float | None) -> float:
         if alpha is not None:

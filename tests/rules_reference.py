@@ -112,16 +112,18 @@ class ReferenceLSGD:
     """LSGD run round-robin, literally (the paper's eq. 2, every term at the pre-step x): every
     tau steps a worker publishes x and the mean of its last ``window`` losses, then is pulled
     toward its group's leader (with more than one group) and, every tau_global steps, toward
-    the global leader; a leader does not pull itself."""
+    the global leader; a leader does not pull itself. The local step is Nesterov momentum
+    delta, the gradient and loss taken at x + delta * v; the pulls do not enter v."""
 
     def __init__(self, x0: list[Tensor], workers: int, group_size: int, *, lr: float, lam: float,
-                 lam_global: float, tau: int, tau_global: int, window: int):
+                 lam_global: float, tau: int, tau_global: int, window: int, momentum: float = 0.0):
         self.slots = [[t.clone().double() for t in x0] for _ in range(workers)]
         self.losses = [math.inf] * workers
         self.workers = [ReferenceWorker(x0, len(x0)) for _ in range(workers)]
         self.recent: list[list[float]] = [[] for _ in range(workers)]
         self.group_size, self.lr, self.lam, self.lam_global = group_size, lr, lam, lam_global
         self.tau, self.tau_global, self.window = tau, tau_global, window
+        self.delta = momentum
 
     def _leader(self, candidates: range) -> int | None:
         finite = [r for r in candidates if math.isfinite(self.losses[r])]
@@ -129,7 +131,7 @@ class ReferenceLSGD:
 
     def step(self, i: int, grad_fn: GradFn, loss_fn: Callable[[list[Tensor], int, int], float]) -> None:
         w = self.workers[i]
-        point = [x.clone() for x in w.x]
+        point = [w.x[k] + self.delta * w.v[k] for k in range(len(w.x))]
         loss = loss_fn([p.float() for p in point], i, w.t)
         grad = grad_fn([p.float() for p in point], i, w.t)
         if w.t % self.tau == 0:
@@ -151,41 +153,81 @@ class ReferenceLSGD:
                     new[k] = new[k] - lam * (w.x[k] - self.slots[leader][k])
             w.x = new
         for k in range(len(w.x)):
-            w.x[k] = w.x[k] - self.lr * grad[k].double()
+            w.v[k] = self.delta * w.v[k] - self.lr * grad[k].double()
+            w.x[k] = w.x[k] + w.v[k]
         self.recent[i].append(loss)
         w.t += 1
 
 
 class ReferenceGossip:
-    """Elastic Gossip (``symmetric``) or Gossiping SGD's pull, round-robin, literally: at each
-    period a worker publishes its pre-step x and, with probability ``prob``, picks a peer j
-    (``choose``) and takes d = alpha (x_i - x_j) with x_j the peer's last publication; after
-    its own step it moves by -d and, symmetric, j moves by +d after j's own next step."""
+    """Elastic Gossip (``symmetric``) or Gossiping SGD's pull, round-robin, literally, with
+    Nesterov momentum delta: at each period a worker takes in its inbox and, with probability
+    ``prob``, picks a peer j (``choose``), takes d = alpha (x_i - x_j) with x_j = j's slot plus
+    j's inbox (j's value as its peers know it), moves itself by -d and, symmetric, puts d in j's
+    inbox; then it publishes x_i to its slot. Its local step follows, with the gradient taken
+    before all of this."""
 
     def __init__(self, x0: list[Tensor], workers: int, *, lr: float, alpha: float, period: int,
-                 symmetric: bool, choose: Callable[[int], int | None]):
+                 symmetric: bool, choose: Callable[[int], int | None], momentum: float = 0.0):
         self.workers = [ReferenceWorker(x0, len(x0)) for _ in range(workers)]
         self.slots = [[t.clone().double() for t in x0] for _ in range(workers)]
         self.inbox = [[torch.zeros_like(t).double() for t in x0] for _ in range(workers)]
         self.lr, self.alpha, self.period, self.symmetric = lr, alpha, period, symmetric
-        self.choose = choose
+        self.choose, self.delta = choose, momentum
 
     def step(self, i: int, grad_fn: GradFn) -> None:
         w = self.workers[i]
-        point = [x.clone() for x in w.x]
+        point = [w.x[k] + self.delta * w.v[k] for k in range(len(w.x))]
         grad = grad_fn([p.float() for p in point], i, w.t)
-        d = None
         if w.t % self.period == 0:
-            self.slots[i] = [x.clone() for x in w.x]
+            w.x = [a + b for a, b in zip(w.x, self.inbox[i])]
+            self.inbox[i] = [torch.zeros_like(t) for t in self.inbox[i]]
             j = self.choose(i)
             if j is not None:
-                d = [self.alpha * (w.x[k] - self.slots[j][k]) for k in range(len(w.x))]
+                x_j = [a + b for a, b in zip(self.slots[j], self.inbox[j])]
+                d = [self.alpha * (w.x[k] - x_j[k]) for k in range(len(w.x))]
+                w.x = [a - b for a, b in zip(w.x, d)]
                 if self.symmetric:
                     self.inbox[j] = [a + b for a, b in zip(self.inbox[j], d)]
+            self.slots[i] = [x.clone() for x in w.x]
         for k in range(len(w.x)):
-            w.x[k] = w.x[k] - self.lr * grad[k].double()
-            if d is not None:
-                w.x[k] = w.x[k] - d[k]
-            w.x[k] = w.x[k] + self.inbox[i][k]
-        self.inbox[i] = [torch.zeros_like(t) for t in self.inbox[i]]
+            w.v[k] = self.delta * w.v[k] - self.lr * grad[k].double()
+            w.x[k] = w.x[k] + w.v[k]
         w.t += 1
+
+
+class ReferenceDOWNPOUR:
+    """DOWNPOUR run round-robin, literally (Dean et al. 2012, as the EASGD paper states it):
+    each worker applies -eta * g locally and accumulates it; every tau steps it pushes the sum to
+    the master (x~ += sum; with master momentum delta, MDOWNPOUR: v = delta v + sum,
+    x~ += sum + delta v) and replaces its parameters by x~."""
+
+    def __init__(self, x0: list[Tensor], workers: int, *, lr: float, tau: int, momentum: float = 0.0):
+        self.center = [t.clone().double() for t in x0]
+        self.velocity = [torch.zeros_like(t) for t in self.center]
+        self.workers = [ReferenceWorker(x0, len(x0)) for _ in range(workers)]
+        self.sums = [[torch.zeros_like(t) for t in self.center] for _ in range(workers)]
+        self.lr, self.tau, self.delta = lr, tau, momentum
+
+    def step(self, i: int, grad_fn: GradFn) -> None:
+        w = self.workers[i]
+        grad = grad_fn([p.float() for p in w.x], i, w.t)
+        for k in range(len(w.x)):
+            update = -self.lr * grad[k].double()
+            w.x[k] = w.x[k] + update
+            self.sums[i][k] = self.sums[i][k] + update
+        w.t += 1
+        if w.t % self.tau == 0:
+            for k in range(len(w.x)):
+                self.velocity[k] = self.delta * self.velocity[k] + self.sums[i][k]
+                self.center[k] = self.center[k] + self.sums[i][k] + self.delta * self.velocity[k]
+                w.x[k] = self.center[k].clone()
+                self.sums[i][k] = torch.zeros_like(self.sums[i][k])
+
+
+def reference_elastic_round(children: list[Tensor], parent: Tensor, alpha: float) -> tuple[list[Tensor], Tensor]:
+    """EASGD between K children and their parent, every term from the pre-round values:
+    c_k' = c_k - alpha (c_k - r) for each k, r' = r + alpha * sum_k (c_k - r)."""
+    new_children = [c - alpha * (c - parent) for c in children]
+    new_parent = parent + alpha * sum(c - parent for c in children)
+    return new_children, new_parent

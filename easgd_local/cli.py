@@ -33,6 +33,7 @@ ALGO_OPTIONS_PANEL = "Algorithm options"
 LR_DEFAULTS = ", ".join(
     f"{a.name} {a.default_step:g}" + (" * (1 - momentum)" if a.uses_momentum else "")
     for a in ALGORITHMS.values())
+MOMENTUM_ALGOS = ", ".join(a.name for a in ALGORITHMS.values() if a.uses_momentum)
 
 
 def with_algorithm_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,7 +90,7 @@ def train(
     tau: Annotated[int, typer.Option(help="Communication period: an elastic exchange every tau local steps.", rich_help_panel=ALGO_PANEL)] = TrainConfig.tau,
     beta: Annotated[Optional[float], typer.Option(help="Moving rate as beta = workers * alpha, in (0, 1]. (default: 0.9)", rich_help_panel=ALGO_PANEL)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Moving rate alpha given directly (instead of --beta).", rich_help_panel=ALGO_PANEL)] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="Nesterov momentum delta for eamsgd and msgd. (default: 0.9)", rich_help_panel=ALGO_PANEL)] = None,
+    momentum: Annotated[Optional[float], typer.Option(help=f"Nesterov momentum delta of {MOMENTUM_ALGOS}. (default: 0.9)", rich_help_panel=ALGO_PANEL)] = None,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.", rich_help_panel=ALGO_PANEL)] = TrainConfig.weight_decay,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights; worker r orders its data with seed + r.", rich_help_panel=ALGO_PANEL)] = TrainConfig.seed,
@@ -163,7 +164,7 @@ def bench(
     eval_budget: Annotated[float, typer.Option(help="Evaluation's compute relative to a run's (its snapshots are evaluated after it trains, on the whole test set); sets the spacing of the snapshots.", rich_help_panel=BENCH_PANEL)] = _bench.DEFAULT_EVAL_BUDGET,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate eta of every run; the momentum algorithms get lr * (1 - momentum) (see --momentum). (default: each algorithm's own, as train)", rich_help_panel=ALGO_PANEL)] = None,
     lrs: Annotated[Optional[str], typer.Option(help="A grid of learning rates, e.g. 0.05,0.1,0.2: every algorithm (sgd included) runs at each, and the table shows each at its best.", rich_help_panel=ALGO_PANEL)] = None,
-    momentum: Annotated[float, typer.Option(help="Nesterov momentum delta of the momentum algorithms (eamsgd, msgd, mdownpour). They run with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals the others' --lr.", rich_help_panel=ALGO_PANEL)] = _bench.DEFAULT_MOMENTUM,
+    momentum: Annotated[float, typer.Option(help=f"Nesterov momentum delta of the momentum algorithms ({MOMENTUM_ALGOS}). They run with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals the others' --lr.", rich_help_panel=ALGO_PANEL)] = _bench.DEFAULT_MOMENTUM,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size per worker.", rich_help_panel=ALGO_PANEL)] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, the same for every run.", rich_help_panel=ALGO_PANEL)] = TrainConfig.seed,
     dataset: Annotated[str, typer.Option(help="Data set: mnist10k (ships with the package), mnist, fashion-mnist, cifar10, cifar100, imagefolder (read from --data-dir), or your own data factory module:attr.", rich_help_panel=DATA_PANEL)] = "mnist10k",

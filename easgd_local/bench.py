@@ -49,21 +49,13 @@ from typing import Any, Callable, Sequence
 
 from . import config as cfg
 from .config import ConfigError, TrainConfig
+from .settings import declarations, problem, reuse, setting
 
 # output (and through it torch) is imported inside the functions that write: the CLI imports
 # this module for its defaults, and `easgd-local --help` should stay fast.
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALGOS = "sgd,msgd,easgd,eamsgd,downpour,ddp"
-DEFAULT_TIME_LIMIT = 60.0
-DEFAULT_TARGET_ACCURACY = 0.97
-DEFAULT_MOMENTUM = 0.9
-DEFAULT_REPEATS = 3
-# Runs evaluate their snapshots after training (deferred), taking nothing from the workers: the
-# budget then only bounds how long that takes, so it is larger than train's, for a finer
-# resolution of the time to target.
-DEFAULT_EVAL_BUDGET = 0.25
 # The reference every speed-up and efficiency is measured against.
 REFERENCE_ALGO = "sgd"
 # On a log axis an error of 0 (every test sample right) cannot be drawn or interpolated.
@@ -86,33 +78,86 @@ ROW_KEYS = ("algo", "workers", "tau", "lr", "momentum", *FIGURES,
             "best", "run_dir", "repeats")
 
 
+TRAIN = declarations(TrainConfig)  # the settings a bench shares with train
+
+
 @dataclass
 class BenchOptions:
-    """What one bench runs; the CLI maps its flags onto these fields one to one."""
+    """What one bench runs; the CLI maps its flags onto these fields one to one (but --lr, as
+    --lrs with one value). A field shared with train reuses train's declaration, with the
+    bench's own default or help where they differ."""
 
-    algos: list[str] = field(default_factory=lambda: DEFAULT_ALGOS.split(","))
-    workers: int | None = None  # None: train's default; single-worker algorithms always run 1
-    taus: list[int] = field(default_factory=lambda: [TrainConfig.tau])
-    time_limit: float = DEFAULT_TIME_LIMIT
-    target_accuracy: float = DEFAULT_TARGET_ACCURACY
-    lrs: list[float] | None = None  # None: each algorithm at its own default (train's)
-    momentum: float = DEFAULT_MOMENTUM  # momentum algorithms run with lr * (1 - momentum)
-    batch_size: int = TrainConfig.batch_size
-    seed: int = TrainConfig.seed
-    repeats: int = DEFAULT_REPEATS  # repeat r runs with seed + r
-    dataset: str = TrainConfig.dataset
-    data_dir: Path = TrainConfig.data_dir
-    model: str = TrainConfig.model
-    devices: list[str] | None = None
-    eval_every: float | None = None  # None: spaced by the evaluation budget
-    eval_budget: float = DEFAULT_EVAL_BUDGET
+    algos: list[str] = setting(
+        ["sgd", "msgd", "easgd", "eamsgd", "downpour", "ddp"], flag="--algos", kind=list,
+        concern="bench",
+        help="Comma-separated algorithms (any --algo of train), run one after another on the same "
+             "data, model, initial weights and per-worker batch.")
+    # None: train's default; single-worker algorithms always run 1
+    workers: int | None = reuse(TRAIN["workers"])
+    taus: list[int] = setting(
+        [TrainConfig.tau], flag="--taus", kind=list, concern="bench",
+        help="Comma-separated communication periods; every algorithm that has a tau (not sgd, "
+             "msgd, ddp) runs once per value.")
+    time_limit: float = reuse(
+        TRAIN["time_limit"], default=60.0, help="Seconds of training per run (start-up not counted).")
+    target_accuracy: float = reuse(
+        TRAIN["target_accuracy"], default=0.97,
+        help="The test accuracy each run's time to target is measured to (with --live-eval a run "
+             "also stops there).")
+    lrs: list[float] | None = setting(
+        None, flag="--lrs", kind=list, concern="algorithm", default_text="each algorithm's own",
+        help="A grid of learning rates, e.g. 0.05,0.1,0.2: every algorithm (sgd included) runs at "
+             "each, and the table shows each at its best.")
+    # The momentum algorithms run with lr * (1 - momentum) (plan_runs).
+    momentum: float = reuse(
+        TRAIN["momentum"], default=0.9, default_text="",
+        help="Nesterov momentum delta of the momentum algorithms ({momentum_algos}); they run "
+             "with lr * (1 - momentum), so that their effective step lr / (1 - momentum) equals "
+             "the others' --lr.")
+    batch_size: int = reuse(TRAIN["batch_size"])
+    seed: int = reuse(TRAIN["seed"])
+    repeats: int = setting(
+        3, flag="--repeats", kind=int, bounds=">= 1", concern="bench",
+        help="Runs of every configuration, repeat r with seed + r; interleaved (repeat 1 of every "
+             "run, then repeat 2, ...). Figures are the median [min, max].")
+    dataset: str = reuse(TRAIN["dataset"])
+    data_dir: Path = reuse(TRAIN["data_dir"])
+    model: str = reuse(TRAIN["model"])
+    devices: list[str] | None = reuse(TRAIN["devices"])
+    eval_every: float | None = reuse(TRAIN["eval_every"])
+    # Runs evaluate their snapshots after training (deferred), taking nothing from the workers:
+    # the budget then only bounds how long that takes, so it is larger than train's, for a finer
+    # resolution of the time to target. Its own setting, with train's flag and range.
+    eval_budget: float = reuse(
+        TRAIN["eval_budget"], default=0.25,
+        help="How long evaluating a run's snapshots (after it trains, on the whole test set) may "
+             "take, relative to its compute; sets the spacing of the snapshots.")
     # False: each run only snapshots the center while it trains and evaluates afterwards, so
     # evaluation takes no cores from the workers it measures (runs then last --time-limit)
-    live_eval: bool = False
+    live_eval: bool = setting(
+        False, flag="--live-eval", kind=bool, concern="bench",
+        help="Evaluate the center while each run trains, so that reaching --target-accuracy ends "
+             "it early; by default runs only snapshot the center and evaluate afterwards, leaving "
+             "every core to the workers being measured.")
     calibrate: bool = True  # measure the machine's one-thread samples/s first
-    faults: str | None = None  # injected into every run (train's --fault)
+    faults: str | None = reuse(TRAIN["faults"])  # injected into every run
     options: dict[str, Any] = field(default_factory=dict)  # algorithm options, to those that take them
-    out: Path | None = None  # None: runs/bench-<timestamp>
+    out: Path | None = reuse(
+        TRAIN["out"], default_text="runs/bench-<timestamp>",
+        help="Bench directory: bench.json, bench.md, bench.png and runs/ (refused if it already "
+             "holds a bench.json).")
+
+
+# Flags of the command that are no field of BenchOptions.
+CLI_SETTINGS = {
+    "lr": dataclasses.replace(
+        TRAIN["lr"], default_text="each algorithm's own, as train",
+        help="Learning rate eta of every run (as --lrs with one value); the momentum algorithms "
+             "get lr * (1 - momentum) (see --momentum)."),
+    "quiet": dataclasses.replace(
+        TRAIN["quiet"], help="No progress line per run (the table is still printed)."),
+}
+DECLARED = declarations(BenchOptions)
 
 
 @dataclass
@@ -276,6 +321,31 @@ def default_bench_out() -> Path:
     return Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_values(options: BenchOptions) -> None:
+    """The lists, every declared field (kind, range) and that each algorithm option given
+    applies to an algorithm of the bench; ConfigError with one line."""
+    from .algorithms import all_options
+
+    check_algos(options.algos)
+    check_taus(options.taus)
+    # Checked here and not left to TrainConfig: the momentum algorithms see lr * (1 - momentum),
+    # and an error about that product would not name the value the user typed.
+    if options.lrs is not None:
+        check_lrs(options.lrs)
+    for name, declared in DECLARED.items():
+        message = problem(declared, getattr(options, name))
+        if message:
+            raise ConfigError(message)
+    options_declared = all_options()
+    for name, value in options.options.items():
+        if value is None:
+            continue
+        option, users = options_declared[name]
+        if not any(a in users for a in options.algos):
+            raise ConfigError(f"{option.flag} applies to {', '.join(users)}, none of which this "
+                              "bench runs")
+
+
 def check_options(options: BenchOptions) -> list[RunSpec]:
     """Every check that can fail on bad input, before anything is written or started.
 
@@ -286,26 +356,7 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
     from .models import MODELS
     from .output import RESULT_FILES, OutputError
 
-    check_algos(options.algos)
-    check_taus(options.taus)
-    # Checked here and not left to TrainConfig: the momentum algorithms see lr * (1 - momentum),
-    # and an error about that product would not name the value the user typed.
-    if options.lrs is not None:
-        check_lrs(options.lrs)
-    if not 0 <= options.momentum < 1:
-        raise ConfigError(f"--momentum must be in [0, 1) (got {options.momentum})")
-    if options.repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1 (got {options.repeats})")
-    from .algorithms import all_options
-
-    declared = all_options()
-    for name, value in options.options.items():
-        if value is None:
-            continue
-        option, users = declared[name]
-        if not any(a in users for a in options.algos):
-            raise ConfigError(f"{option.flag} applies to {', '.join(users)}, none of which this "
-                              "bench runs")
+    check_values(options)
     if options.model not in MODELS and ":" not in options.model:
         raise ConfigError(f"unknown --model {options.model!r}; choose one of {', '.join(MODELS)}, "
                           "torchvision:NAME or module:factory")

@@ -1,17 +1,20 @@
-"""Run configuration: one dataclass, every field with a default and a one-line doc.
+"""Run configuration: one dataclass, every field declared once (settings.py).
 
-The CLI only maps flags onto :class:`TrainConfig`; every check of a value lives in
+Each field carries its :class:`~.settings.Setting`: the command line's flags, the checks of type
+and range, which fields a resume may change and which may differ between boxes, and the
+README's table all come from those declarations. Every check of a value lives in
 :meth:`TrainConfig.validate`, which raises :class:`ConfigError` with one readable line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .settings import declarations, internal, problem, setting
 
 DEFAULT_MOMENTUM = 0.9  # used by the momentum algorithms when --momentum is not given
 DEFAULT_BOX_TAU = 4  # --multi-node: exchanges of a box's center between two rounds between boxes
@@ -38,54 +41,188 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run, each declared once (settings.py): its flag, help, default, range,
+    concern, and whether a resume may change it and boxes may differ in it."""
+
+    DEFAULT_EPOCHS = 8.0
+    DEFAULT_BETA = 0.9
+
     # Algorithm
-    algo: str = "eamsgd"  # a name of the registry (algorithms/__init__.py); the sweep's winner
-    lr: float | None = None  # learning rate eta; None: the algorithm's (algorithms/*.py)
-    tau: int = 10  # communication period: an elastic exchange every tau local steps
-    beta: float | None = None  # moving rate parameterised as beta = workers * alpha (paper: 0.9)
-    alpha: float | None = None  # moving rate given directly (exclusive with beta)
-    momentum: float | None = None  # Nesterov momentum delta (eamsgd, msgd); default 0.9 there
-    weight_decay: float = 0.0  # L2 penalty added to the gradient
-    batch_size: int = 32  # per-worker mini-batch (32 is the fastest per sample on CPU cores)
-    seed: int = 0  # initial weights; worker r draws its data order from seed + r
-    lock: bool = True  # guard the center update with a lock (False: Hogwild-style)
+    algo: str = setting(
+        "eamsgd", flag="--algo", concern="algorithm",
+        help="The algorithm: {algorithms}.")
+    lr: float | None = setting(
+        None, flag="--lr", kind=float, bounds="> 0", concern="algorithm",
+        default_text="the algorithm's",
+        help="Learning rate eta; by default each algorithm's own, from the tuning sweeps: "
+             "{lr_defaults}.")
+    tau: int = setting(
+        10, flag="--tau", kind=int, bounds=">= 1", concern="algorithm",
+        help="Communication period: an exchange every tau local steps (for sgd, msgd and ddp: "
+             "how often the model is published for evaluation).")
+    beta: float | None = setting(
+        None, flag="--beta", kind=float, bounds="(0, 1]", concern="algorithm",
+        default_text=f"{DEFAULT_BETA:g}", help="Moving rate as beta = workers * alpha.")
+    alpha: float | None = setting(
+        None, flag="--alpha", kind=float, bounds="(0, 1]", concern="algorithm",
+        help="Moving rate alpha given directly (not together with --beta).")
+    momentum: float | None = setting(
+        None, flag="--momentum", kind=float, bounds="[0, 1)", concern="algorithm",
+        default_text=f"{DEFAULT_MOMENTUM:g}",
+        help="Nesterov momentum delta of {momentum_algos}; an error with the others.",
+        note="It acts in the workers' local steps; mdownpour's on the center.")
+    weight_decay: float = setting(
+        0.0, flag="--weight-decay", kind=float, bounds=">= 0", concern="algorithm",
+        help="L2 penalty added to the gradient.", note="(The paper: 1e-4 on CIFAR.)")
+    batch_size: int = setting(
+        32, flag="--batch-size", kind=int, bounds=">= 1", concern="algorithm",
+        help="Mini-batch size per worker.")
+    seed: int = setting(
+        0, flag="--seed", kind=int, bounds="[0, 2^32)", concern="algorithm",
+        help="Seed of the initial weights (every worker starts from the same center); worker r "
+             "orders its data with seed + r.")
+    lock: bool = setting(
+        True, flag="--lock/--no-lock", kind=bool, concern="system",
+        help="Guard writes to shared state with locks; --no-lock runs Hogwild-style.")
     # Stop condition (the first one reached ends the run; none given -> the default epochs)
-    steps: int | None = None  # local steps per worker
-    epochs: float | None = None  # passes over the training set by all workers together
-    time_limit: float | None = None  # seconds of training (start-up excluded)
-    target_accuracy: float | None = None  # stop once an evaluation of the center reaches it
+    steps: int | None = setting(
+        None, flag="--steps", kind=int, bounds="> 0", concern="stop", resumable=True,
+        help="Stop after this many local steps per worker.")
+    epochs: float | None = setting(
+        None, flag="--epochs", kind=float, bounds="> 0", concern="stop", resumable=True,
+        default_text=f"{DEFAULT_EPOCHS:g} when no stop is given",
+        help="Stop after this many passes over the training set by all workers together.",
+        note="Each worker runs epochs * N / (workers * batch) steps.")
+    time_limit: float | None = setting(
+        None, flag="--time-limit", kind=float, bounds="> 0", concern="stop", resumable=True,
+        help="Stop after this many seconds of training (start-up not counted).")
+    target_accuracy: float | None = setting(
+        None, flag="--target-accuracy", kind=float, bounds="(0, 1]", concern="stop",
+        resumable=True, help="Stop once an evaluation of the center reaches this test accuracy.")
     # Data and model
-    dataset: str = "mnist10k"  # a built-in name, or a user's data factory "module:attr"
-    data_dir: Path = Path("datasets")
-    download: bool = False
-    model: str = "cnn"  # a built-in name, "torchvision:NAME", or a user's factory "module:attr"
-    image_size: int | None = None  # input side for imagefolder and torchvision sets (None: theirs)
-    loader_workers: int = 0  # DataLoader processes per worker, for data read from disk
-    loss: str | None = None  # "module:attr" (outputs, targets) -> loss; None: cross-entropy
-    metric: str | None = None  # "module:attr" (outputs, targets) -> score in [0, 1]; None: accuracy
+    dataset: str = setting(
+        "mnist10k", flag="--dataset", concern="data",
+        help="Data set: mnist10k (ships with the package), mnist, fashion-mnist, cifar10, "
+             "cifar100, imagefolder (read from --data-dir), or your own data factory module:attr.",
+        note="The torchvision sets are held as tensors on each worker's device; imagefolder "
+             "reads train/ and val/ class directories from disk; see \"Your own model and data\".")
+    data_dir: Path = setting(
+        Path("datasets"), flag="--data-dir", kind=Path, concern="data", resumable=True,
+        per_box=True,
+        help="Root of the torchvision data sets (imagefolder: the directory holding train/ and "
+             "val/).")
+    download: bool = setting(
+        False, flag="--download", kind=bool, concern="data", resumable=True, per_box=True,
+        help="Download the data set into --data-dir if missing.")
+    model: str = setting(
+        "cnn", flag="--model", concern="data",
+        help="cnn (small, for 28x28 digits), cifar-paper (the paper's 7-layer net), resnet18, "
+             "torchvision:NAME (any classification model of torchvision.models), or your own "
+             "model factory module:attr.",
+        note="torchvision:NAME, e.g. torchvision:mobilenet_v3_small: no weights downloaded, "
+             "num_classes from the data, grayscale repeated to 3 channels.")
+    image_size: int | None = setting(
+        None, flag="--image-size", kind=int, bounds=">= 1", concern="data",
+        default_text="the data's",
+        help="Input side: for imagefolder the images' own size when they all share one (else "
+             "224), resized; for the other sets a center crop.")
+    loader_workers: int = setting(
+        0, flag="--loader-workers", kind=int, bounds=">= 0", concern="data", per_box=True,
+        help="DataLoader processes per worker, for data read from disk (imagefolder, your own "
+             "Dataset).")
+    loss: str | None = internal(
+        None, concern="data",
+        help="A loss \"module:attr\" (outputs, targets) -> loss; None: cross-entropy.")
+    metric: str | None = internal(
+        None, concern="data",
+        help="A metric \"module:attr\" (outputs, targets) -> score in [0, 1]; None: accuracy.")
     # System
-    workers: int | None = None  # None: one per device (2 on a CPU-only machine)
-    devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"] or ["cpu"]; None: all GPUs, else cpu
-    threads: int | None = None  # intra-op threads per CPU worker; None: the cores split between them
-    eval_every: float | None = None  # seconds between evaluations; None: from the budget
-    eval_budget: float = 0.1  # share of the run's compute that evaluation may take
-    eval_samples: int = 2000  # test samples of each evaluation while training (0: all)
-    eval_deferred: bool = False  # only snapshot while training; evaluate the snapshots after it
-    eval_batch_size: int = 250  # small enough that stopping never waits long for an evaluation
-    checkpoint_every: float | None = 60.0  # seconds between checkpoints (and one at the end)
-    max_restarts: int = 3  # dead workers replaced before the run gives up
-    faults: str | None = None  # injected faults "rank:step:kind[,...]" (worker.py), for demos
-    multi_node: bool = False  # one box of several, started by torchrun (multinode.py)
-    root_timeout: float = 60.0  # seconds a round between boxes may wait for the others
-    box_tau: int | None = None  # exchanges of a box's center between two rounds between boxes
-    box_beta: float | None = None  # the root's moving rate over the boxes, in (0, 1]
-    # (both --multi-node only; None: DEFAULT_BOX_TAU, DEFAULT_BOX_BETA, set by validate())
-    rank_offset: int = 0  # global rank of this box's worker 0 (set for --multi-node)
-    stall_timeout: float | None = None  # seconds without a step before a worker is declared
-    # dead; None: a generous multiple of the longest pause seen, at least STALL_FLOOR
+    workers: int | None = setting(
+        None, flag="--workers", kind=int, bounds=">= 1", concern="system",
+        default_text="one per device; 2 on a CPU-only machine",
+        help="Worker processes; several may share a GPU.", note="sgd and msgd run one.")
+    devices: list[str] | None = setting(
+        None, flag="--devices", kind=list, concern="system", per_box=True,
+        default_text="every visible GPU, else cpu",
+        help="Comma-separated devices, e.g. cuda:0,cuda:1 or cpu; workers are dealt round-robin.")
+    threads: int | None = setting(
+        None, flag="--threads", kind=int, bounds=">= 1", concern="system", resumable=True,
+        per_box=True, default_text="the cores split between the CPU workers",
+        help="Intra-op threads per CPU worker.")
+    max_restarts: int = setting(
+        3, flag="--max-restarts", kind=int, bounds=">= 0", concern="system", resumable=True,
+        per_box=True,
+        help="Dead workers replaced (from the center) before the run gives up; a resumed run "
+             "gets a fresh budget.")
+    stall_timeout: float | None = setting(
+        None, flag="--stall-timeout", kind=float, bounds="> 0", unit="seconds", concern="system",
+        resumable=True, per_box=True,
+        default_text="20 times the longest pause seen, at least 20 s",
+        help="Seconds without a step after which a worker (stopped, hung, frozen holding a lock) "
+             "is declared dead: killed and replaced.")
+    faults: str | None = setting(
+        None, flag="--fault", concern="system", per_box=True,
+        help="Inject faults, for a demo: rank:step:kind[,...] with kind slow:F (that rank F "
+             "times slower from that step), pause:S (stops S seconds), kill, exit, hang, nan.")
+    # Evaluation
+    eval_every: float | None = setting(
+        None, flag="--eval-every", kind=float, bounds="> 0", unit="seconds",
+        concern="evaluation", resumable=True, per_box=True, default_text="from --eval-budget",
+        help="Seconds between evaluations (with --eval-deferred: snapshots) of the center while "
+             "training; by default spaced so that evaluation takes --eval-budget of the compute.")
+    eval_budget: float = setting(
+        0.1, flag="--eval-budget", kind=float, bounds="(0, 1]", concern="evaluation",
+        resumable=True, per_box=True,
+        help="Share of the run's compute (cores, or GPUs) that evaluation may take while "
+             "training; one evaluation's cost is measured at the start.")
+    eval_samples: int = setting(
+        2000, flag="--eval-samples", kind=int, bounds=">= 0", concern="evaluation",
+        resumable=True, per_box=True,
+        help="Test samples per evaluation while training: a fixed, seeded subset (0: the whole "
+             "test set); the final evaluation always uses the whole test set.")
+    eval_deferred: bool = setting(
+        False, flag="--eval-deferred", kind=bool, concern="evaluation", resumable=True,
+        per_box=True,
+        help="Only snapshot the center while training and evaluate the snapshots afterwards, so "
+             "that evaluation takes no cores from the workers (--target-accuracy then cannot "
+             "end the run early).",
+        note="The snapshots' times are exact; they are evaluated on the whole test set.")
+    # small enough that stopping never waits long for an evaluation
+    eval_batch_size: int = internal(250, kind=int, bounds=">= 1", concern="evaluation")
+    # Checkpoints
+    checkpoint_every: float | None = setting(
+        60.0, flag="--checkpoint-every", kind=float, bounds="> 0", unit="seconds",
+        concern="checkpoint", resumable=True, per_box=True,
+        help="Seconds between checkpoints; one is also written at the end, on Ctrl-C or SIGTERM, "
+             "and when the run fails.")
+    # Several boxes (multinode.py)
+    multi_node: bool = setting(
+        False, flag="--multi-node", kind=bool, concern="boxes", per_box=True,
+        help="One box of several, started by torchrun (see the README's \"Several machines\"): "
+             "the boxes' centers are tied elastically to a root every --box-tau exchanges.")
+    box_tau: int | None = setting(
+        None, flag="--box-tau", kind=int, bounds=">= 1", concern="boxes",
+        default_text=str(DEFAULT_BOX_TAU),
+        help="With --multi-node: exchanges of a box's center between two rounds between boxes.")
+    box_beta: float | None = setting(
+        None, flag="--box-beta", kind=float, bounds="(0, 1]", concern="boxes",
+        default_text=f"{DEFAULT_BOX_BETA:g}",
+        help="With --multi-node: the root's moving rate beta_root = boxes * alpha_root.")
+    root_timeout: float = setting(
+        60.0, flag="--root-timeout", kind=float, bounds="> 0", unit="seconds", concern="boxes",
+        per_box=True,
+        help="With --multi-node: seconds a round between boxes waits for the others before the "
+             "run ends with an error.")
+    # global rank of this box's worker 0 (set for --multi-node)
+    rank_offset: int = internal(0, kind=int, concern="boxes", per_box=True)
     # Output
-    out: Path | None = None  # None: runs/<timestamp>-<algo>-p<workers>
-    quiet: bool = False
+    out: Path | None = setting(
+        None, flag="--out", kind=Path, concern="output", per_box=True,
+        default_text="runs/<timestamp>-<algo>-p<workers>",
+        help="Output directory (refused if it already holds a run).")
+    quiet: bool = setting(
+        False, flag="--quiet", aliases=("-q",), kind=bool, concern="output", resumable=True,
+        per_box=True, help="No progress bar and no summary table.")
     # Options of one algorithm (algorithms/*.py declare them): name -> value, None = default
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -94,9 +231,6 @@ class TrainConfig:
     resolved_momentum: float = field(default=0.0, init=False)
     resolved_options: dict[str, Any] = field(default_factory=dict, init=False)
     worker_devices: list[str] = field(default_factory=list, init=False)
-
-    DEFAULT_EPOCHS = 8.0
-    DEFAULT_BETA = 0.9
 
     @property
     def algorithm(self) -> Any:
@@ -107,33 +241,12 @@ class TrainConfig:
 
     def validate(self, cuda_count: int | None = None) -> "TrainConfig":
         """Check every value and resolve defaults that depend on others. Returns self."""
-        from .algorithms import ALGORITHMS, all_options
+        from .algorithms import ALGORITHMS
 
         if self.algo not in ALGORITHMS:
             raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
         algorithm = ALGORITHMS[self.algo]
-        # Every number is checked for its type and range; every float also for NaN and inf,
-        # which no comparison below would catch (a NaN time limit never ends a run).
-        for flag, value, kind in (
-                ("--lr", self.lr, float), ("--tau", self.tau, int), ("--beta", self.beta, float),
-                ("--alpha", self.alpha, float), ("--momentum", self.momentum, float),
-                ("--weight-decay", self.weight_decay, float), ("--batch-size", self.batch_size, int),
-                ("--seed", self.seed, int), ("--steps", self.steps, int),
-                ("--epochs", self.epochs, float), ("--time-limit", self.time_limit, float),
-                ("--target-accuracy", self.target_accuracy, float),
-                ("--workers", self.workers, int), ("--threads", self.threads, int),
-                ("--eval-every", self.eval_every, float), ("--eval-budget", self.eval_budget, float),
-                ("--eval-samples", self.eval_samples, int),
-                ("--checkpoint-every", self.checkpoint_every, float),
-                ("--stall-timeout", self.stall_timeout, float),
-                ("--root-timeout", self.root_timeout, float),
-                ("--box-tau", self.box_tau, int), ("--box-beta", self.box_beta, float),
-                ("--max-restarts", self.max_restarts, int),
-                ("--image-size", self.image_size, int),
-                ("--loader-workers", self.loader_workers, int)):
-            _check_number(flag, value, kind)
-        if self.lr is not None:
-            _positive("--lr", self.lr)
+        self._check_declared()
         if self.faults:
             from .worker import parse_fault
 
@@ -142,55 +255,41 @@ class TrainConfig:
                     rank, _, _ = parse_fault(item)
                 except ValueError as e:
                     raise ConfigError(f"--fault: {e}") from None
-        if self.tau < 1:
-            raise ConfigError(f"--tau must be >= 1 (got {self.tau})")
-        if self.image_size is not None and self.image_size < 1:
-            raise ConfigError(f"--image-size must be >= 1 (got {self.image_size})")
-        if self.loader_workers < 0:
-            raise ConfigError(f"--loader-workers must be >= 0 (got {self.loader_workers})")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"--seed must be in [0, 2^32) (got {self.seed})")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
-        if self.checkpoint_every is not None and not self.checkpoint_every > 0:
-            raise ConfigError(f"--checkpoint-every must be > 0 seconds (got {self.checkpoint_every})")
-        if not self.root_timeout > 0:
-            raise ConfigError(f"--root-timeout must be > 0 seconds (got {self.root_timeout})")
         self._resolve_box_level()
-        if self.stall_timeout is not None and not self.stall_timeout > 0:
-            raise ConfigError(f"--stall-timeout must be > 0 seconds (got {self.stall_timeout})")
-        if self.max_restarts < 0:
-            raise ConfigError(f"--max-restarts must be >= 0 (got {self.max_restarts})")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1 (got {self.threads})")
-        if self.eval_every is not None and not self.eval_every > 0:
-            raise ConfigError(f"--eval-every must be > 0 seconds (got {self.eval_every})")
-        if not 0 < self.eval_budget <= 1:
-            raise ConfigError(f"--eval-budget must be in (0, 1] (got {self.eval_budget})")
-        if self.eval_samples < 0:
-            raise ConfigError(f"--eval-samples must be >= 0 (got {self.eval_samples})")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
-        for flag, value in (("--steps", self.steps), ("--epochs", self.epochs),
-                            ("--time-limit", self.time_limit)):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{flag} must be > 0 (got {value})")
-
-        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"--target-accuracy must be in (0, 1] (got {self.target_accuracy})")
         momentum_algos = [a.name for a in ALGORITHMS.values() if a.uses_momentum]
-        if self.momentum is not None:
-            if not algorithm.uses_momentum:
-                raise ConfigError(f"--momentum applies to {', '.join(momentum_algos)}, not {self.algo}")
-            if not 0 <= self.momentum < 1:
-                raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        if self.momentum is not None and not algorithm.uses_momentum:
+            raise ConfigError(f"--momentum applies to {', '.join(momentum_algos)}, not {self.algo}")
         self.resolved_momentum = (
             (DEFAULT_MOMENTUM if self.momentum is None else self.momentum)
             if algorithm.uses_momentum else 0.0)
         if self.lr is None:
             self.lr = algorithm.default_lr(self.resolved_momentum)
+        self._check_options_apply(algorithm)
+        if self.multi_node and algorithm.box_center is None:
+            boxed = [a.name for a in ALGORITHMS.values() if a.box_center is not None]
+            raise ConfigError(f"--multi-node ties the boxes' centers; {self.algo} has none "
+                              f"(use one of {', '.join(boxed)})")
+
+        self._resolve_devices(_cuda_count() if cuda_count is None else cuda_count)
+        self.resolved_options = {}
+        algorithm.resolve_options(self)  # each option's type, range and default (its declaration)
+        self._resolve_alpha(algorithm)
+        algorithm.validate(self)  # what spans several values
+        return self
+
+    def _check_declared(self) -> None:
+        """Every declared setting against its declaration: the kind of a number (a float also
+        for NaN and inf, which no range catches: a NaN time limit never ends a run), choices and
+        range (settings.problem)."""
+        for name, declaration in DECLARED.items():
+            message = problem(declaration, getattr(self, name), declaration.label or name)
+            if message:
+                raise ConfigError(message)
+
+    def _check_options_apply(self, algorithm: Any) -> None:
+        """Every algorithm option given is one that --algo takes."""
+        from .algorithms import all_options
+
         declared = all_options()
         for name, value in self.options.items():
             if value is None:
@@ -200,19 +299,10 @@ class TrainConfig:
             option, users = declared[name]
             if option not in algorithm.options:
                 raise ConfigError(f"{option.flag} applies to {', '.join(users)}, not {self.algo}")
-        if self.multi_node and algorithm.box_center is None:
-            boxed = [a.name for a in ALGORITHMS.values() if a.box_center is not None]
-            raise ConfigError(f"--multi-node ties the boxes' centers; {self.algo} has none "
-                              f"(use one of {', '.join(boxed)})")
-
-        self._resolve_devices(_cuda_count() if cuda_count is None else cuda_count)
-        self._resolve_alpha(algorithm)
-        self.resolved_options = {}
-        algorithm.validate(self)
-        return self
 
     def _resolve_box_level(self) -> None:
-        """--box-tau and --box-beta: checked, and their defaults set, under --multi-node only."""
+        """--box-tau and --box-beta: their defaults set under --multi-node only (their ranges are
+        checked with every setting's)."""
         given = [flag for flag, value in (("--box-tau", self.box_tau),
                                           ("--box-beta", self.box_beta)) if value is not None]
         if not self.multi_node:
@@ -222,14 +312,8 @@ class TrainConfig:
             return
         self.box_tau = DEFAULT_BOX_TAU if self.box_tau is None else self.box_tau
         self.box_beta = DEFAULT_BOX_BETA if self.box_beta is None else self.box_beta
-        if self.box_tau < 1:
-            raise ConfigError(f"--box-tau must be >= 1 (got {self.box_tau})")
-        if not 0 < self.box_beta <= 1:
-            raise ConfigError(f"--box-beta must be in (0, 1] (got {self.box_beta})")
 
     def _resolve_devices(self, cuda_count: int) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
         if self.algorithm.single_worker:
             if self.workers not in (None, 1):
                 raise ConfigError(f"--algo {self.algo} runs one worker (got --workers {self.workers})")
@@ -254,10 +338,6 @@ class TrainConfig:
     def _resolve_alpha(self, algorithm: Any) -> None:
         if self.alpha is not None and self.beta is not None:
             raise ConfigError("give --alpha or --beta, not both")
-        if self.alpha is not None and not 0 < self.alpha <= 1:
-            raise ConfigError(f"--alpha must be in (0, 1] (got {self.alpha})")
-        if self.beta is not None and not 0 < self.beta <= 1:
-            raise ConfigError(f"--beta must be in (0, 1] (got {self.beta})")
         self.resolved_alpha = (algorithm.resolve_alpha(self, self.alpha, self.beta)
                                if algorithm.elastic else 0.0)
 
@@ -292,19 +372,7 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-def _positive(flag: str, value: float) -> None:
-    if not value > 0:  # also rejects NaN
-        raise ConfigError(f"{flag} must be > 0 (got {value})")
-
-
-def _check_number(flag: str, value: Any, kind: type) -> None:
-    """None (not given), or a number of the right kind; a float must be finite."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise ConfigError(f"{flag} must be {'a number' if kind is float else 'an integer'} (got {value!r})")
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{flag} must be a finite number (got {value})")
+DECLARED = declarations(TrainConfig)  # field name -> Setting, in field order
 
 
 # What one spawned worker holds at the least: the interpreter with torch (the CUDA build is

@@ -46,15 +46,14 @@ import torch
 
 from . import rules
 from .config import ConfigError, TrainConfig
+from .settings import declarations
 
 log = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# What may differ between boxes: where each keeps its data and output, its local resources.
-PER_BOX_FIELDS = {"data_dir", "download", "out", "quiet", "threads", "devices", "loader_workers",
-                  "eval_every", "eval_budget", "eval_samples", "eval_deferred", "checkpoint_every",
-                  "stall_timeout", "max_restarts", "faults", "multi_node", "root_timeout",
-                  "rank_offset"}
+# What may differ between boxes (declared per_box): where each keeps its data and output, its
+# local resources.
+PER_BOX_FIELDS = frozenset(name for name, s in declarations(TrainConfig).items() if s.per_box)
 
 
 def torchrun_env() -> tuple[int, int] | None:

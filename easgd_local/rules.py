@@ -140,7 +140,7 @@ def running_average_(average: Tensor, center: Tensor, rate: float) -> None:
 def elastic_round(child: Tensor, parent: Tensor, children_mean: Tensor, alpha: float,
                   children: int) -> tuple[Tensor, Tensor]:
     """One synchronous EASGD round between K children and their parent (the paper's synchronous
-    EASGD, eq. 5-6, applied one level up: boxes around a root)::
+    EASGD, its center's update included, applied one level up: boxes around a root)::
 
         c_k <- c_k - alpha * (c_k - r)                  for every child k
         r   <- r + alpha * sum_k (c_k - r) = r + beta * (mean_k c_k - r),   beta = K * alpha

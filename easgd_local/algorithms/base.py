@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import ConfigError
+from ..settings import Setting, problem
 
 if TYPE_CHECKING:
     import torch
@@ -36,16 +37,42 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Option:
     """An option of one or more algorithms: ``--name-with-dashes`` on the command line, and
-    ``TrainConfig.options[name]``. None (not given) lets the algorithm pick its default."""
+    ``TrainConfig.options[name]``. Its declaration is whole here: the flag, its help and range
+    and the default (``Algorithm.resolve_options`` checks and fills it in); an algorithm's own
+    ``validate`` keeps only what spans several values."""
 
     name: str
     type: type  # int, float or str
-    help: str
+    help: str  # one sentence
     choices: tuple[str, ...] = ()
+    # The value when not given, or a function of the (validated) TrainConfig giving it, for a
+    # default that depends on other settings; default_text then says it in words.
+    default: Any = None
+    default_text: str = ""
+    bounds: str = ""  # the range, as settings.Setting.bounds: "> 0", ">= 1", "(0, 1]"
+
+    def __post_init__(self) -> None:
+        if callable(self.default) and not self.default_text:
+            raise TypeError(f"option {self.name}: a computed default needs its default_text")
+        _ = self.setting  # a malformed range fails at import
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def setting(self) -> Setting:
+        """The option as a declared setting (for its checks, its --help and the README)."""
+        return Setting(self.flag, help=self.help, kind=self.type, bounds=self.bounds,
+                       choices=self.choices, concern="algorithm", default_text=self.default_text,
+                       default=None if callable(self.default) else self.default)
+
+    def value(self, config: "TrainConfig") -> Any:
+        """The value given, else the default."""
+        given = config.options.get(self.name)
+        if given is not None:
+            return given
+        return self.default(config) if callable(self.default) else self.default
 
 
 @dataclass
@@ -178,9 +205,21 @@ class Algorithm:
             return alpha
         return (self.default_beta if beta is None else beta) / config.workers
 
+    def resolve_options(self, config: "TrainConfig") -> None:
+        """Every option of this algorithm, as given or its default, checked against its
+        declaration (type, choices, range) into ``config.resolved_options``; ConfigError with
+        one line. Runs once the workers and devices are resolved, before ``resolve_alpha``."""
+        for option in self.options:
+            value = option.value(config)
+            message = problem(option.setting, value)
+            if message:
+                raise ConfigError(message)
+            config.resolved_options[option.name] = value
+
     def validate(self, config: "TrainConfig") -> None:
-        """Check this algorithm's own options in ``config.options`` and resolve their defaults
-        into ``config.resolved_options``; raise ConfigError with one line."""
+        """What spans several values of ``config.resolved_options`` (filled by
+        ``resolve_options``) and of the rest of ``config``, and what is derived from them (into
+        ``config.resolved_options``); raise ConfigError with one line."""
 
     def notes(self, config: "TrainConfig") -> list[str]:
         """Warnings for the user about a valid but questionable setting."""
@@ -210,19 +249,3 @@ class Algorithm:
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
         raise NotImplementedError
-
-
-def option_value(config: "TrainConfig", name: str, default: Any) -> Any:
-    """The option as given, or ``default``."""
-    value = config.options.get(name)
-    return default if value is None else value
-
-
-def check_range(flag: str, value: float, low: float, high: float, *, low_open: bool = False,
-                high_open: bool = False) -> None:
-    """One-line ConfigError unless low <= value <= high (with open ends as asked; NaN fails)."""
-    ok_low = value > low if low_open else value >= low
-    ok_high = value < high if high_open else value <= high
-    if not (ok_low and ok_high):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"{flag} must be in {interval} (got {value})")

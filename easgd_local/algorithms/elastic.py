@@ -18,16 +18,14 @@ from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerConte
 
 WEIGHTING = Option("weighting", str, "Moving rate per exchange: none (the paper's, fixed) or "
                    "dynamic (weighted down for stragglers, beta kept over the live workers; "
-                   "see rules.dynamic_rate).", choices=("none", "dynamic"))
+                   "see rules.dynamic_rate).", choices=("none", "dynamic"), default="none")
 
 
-def resolve_weighting(config: Any) -> str:
-    """--weighting, checked: the dynamic rate stays below 1 only if the fixed rate does."""
-    weighting = config.options.get("weighting") or "none"
-    if weighting == "dynamic" and config.resolved_alpha >= 1:
+def check_weighting(config: Any) -> None:
+    """--weighting dynamic: the dynamic rate stays below 1 only if the fixed rate does."""
+    if config.resolved_options["weighting"] == "dynamic" and config.resolved_alpha >= 1:
         raise ConfigError("--weighting dynamic needs a moving rate below 1 (got --alpha "
                           f"{config.resolved_alpha:g}): at 1 a worker and the center swap places")
-    return weighting
 
 
 def add_weighting_entries(state: SharedState, center: str, members: int) -> None:
@@ -125,7 +123,7 @@ class EASGD(Algorithm):
     options = (WEIGHTING,)
 
     def validate(self, config: Any) -> None:
-        config.resolved_options["weighting"] = resolve_weighting(config)
+        check_weighting(config)
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
         state = SharedCenter(init, lock=config.lock, n_params=n_params).state

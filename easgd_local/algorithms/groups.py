@@ -15,10 +15,6 @@ from typing import Any
 from ..config import ConfigError
 from .base import Option
 
-GROUP_SIZE = Option("group_size", int, "Workers per group (default: the workers of one device "
-                    "group: GPUs under one NUMA node, else half the workers; 2 on CPUs).")
-
-
 def _numa_node(device: str) -> int | None:
     try:
         import torch
@@ -47,13 +43,15 @@ def default_group_size(config: Any) -> int:
     return half if workers % half == 0 else 1
 
 
-def resolve_group_size(config: Any) -> int:
-    """--group-size, checked against the workers, or the default device group."""
-    size = config.options.get("group_size")
-    if size is None:
-        return default_group_size(config)
-    if size < 1:
-        raise ConfigError(f"--group-size must be >= 1 (got {size})")
+GROUP_SIZE = Option("group_size", int, "Workers per group; it must divide --workers.",
+                    default=default_group_size, bounds=">= 1",
+                    default_text="a device group: the GPUs under one NUMA node, else half the "
+                                 "workers; 2 on CPUs (1 with an odd number of workers)")
+
+
+def group_size(config: Any) -> int:
+    """The resolved --group-size (resolve_options), checked against the workers."""
+    size = config.resolved_options["group_size"]
     if config.workers % size:
         raise ConfigError(f"--group-size {size} does not divide the {config.workers} workers")
     return size

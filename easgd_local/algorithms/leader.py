@@ -39,17 +39,27 @@ from .. import rules
 from ..center import Diverged, Link
 from ..config import ConfigError
 from ..shared import SharedState
-from .base import Algorithm, Communicator, Option, WorkerContext, check_range
-from .groups import GROUP_SIZE, group_of, members, resolve_group_size
+from .base import Algorithm, Communicator, Option, WorkerContext
+from .groups import GROUP_SIZE, group_of, group_size, members
 
-LAM = Option("lam", float, "LSGD: pull toward the group leader, in [0, 1) (default: 0.1).")
-LAM_GLOBAL = Option("lam_global", float, "LSGD: pull toward the global leader, in [0, 1) "
-                    "(default: 0.1).")
-TAU_GLOBAL = Option("tau_global", int, "LSGD: steps between pulls toward the global leader "
-                    "(default: 4 * tau).")
-LEADER_WINDOW = Option("leader_window", int, "LSGD: mini-batch losses averaged into the loss a "
-                       "worker publishes (default: tau).")
-DEFAULT_LAM = 0.1
+
+def four_taus(config: Any) -> int:
+    return 4 * config.tau
+
+
+def one_tau(config: Any) -> int:
+    return config.tau
+
+
+LAM = Option("lam", float, "Pull toward the group leader (the authors' value by default).",
+             default=0.1, bounds="[0, 1)")
+LAM_GLOBAL = Option("lam_global", float, "Pull toward the global leader.", default=0.1,
+                    bounds="[0, 1)")
+TAU_GLOBAL = Option("tau_global", int, "Steps between pulls toward the global leader (as the "
+                    "authors ran it by default); a multiple of --tau.", default=four_taus,
+                    default_text="4 * tau", bounds=">= 1")
+LEADER_WINDOW = Option("leader_window", int, "Mini-batch losses averaged into the loss a worker "
+                       "publishes.", default=one_tau, default_text="tau", bounds=">= 1")
 
 
 def leader(losses: list[float], candidates: range | list[int]) -> int | None:
@@ -174,23 +184,11 @@ class LSGD(Algorithm):
     reports = "the global leader's parameters"
 
     def validate(self, config: Any) -> None:
-        size = resolve_group_size(config)
-        opts = {}
-        for option, default in ((LAM, DEFAULT_LAM), (LAM_GLOBAL, DEFAULT_LAM)):
-            value = config.options.get(option.name)
-            value = default if value is None else value
-            check_range(option.flag, value, 0, 1, high_open=True)
-            opts[option.name] = value
-        for option, default in ((TAU_GLOBAL, 4 * config.tau), (LEADER_WINDOW, config.tau)):
-            value = config.options.get(option.name)
-            value = default if value is None else value
-            if value < 1:
-                raise ConfigError(f"{option.flag} must be >= 1 (got {value})")
-            opts[option.name] = value
+        opts = config.resolved_options
+        opts["groups"] = config.workers // group_size(config)
         if opts["tau_global"] % config.tau:
             raise ConfigError(f"--tau-global must be a multiple of --tau (got {opts['tau_global']} "
                               f"with --tau {config.tau}): pulls come at publications, every tau steps")
-        config.resolved_options.update(group_size=size, groups=config.workers // size, **opts)
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
         state = SharedState(locked=config.lock)

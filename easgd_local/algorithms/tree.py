@@ -37,18 +37,15 @@ from torch import Tensor
 
 from .. import rules
 from ..center import CenterLink, Diverged, SharedCenter
-from ..config import ConfigError
 from ..shared import SharedState, SharedTensor, crash_signal, crash_halfway
-from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext, check_range
-from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries, resolve_weighting
-from .groups import GROUP_SIZE, group_of, resolve_group_size
+from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext
+from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries, check_weighting
+from .groups import GROUP_SIZE, group_of, group_size
 
 TAU_ROOT = Option("tau_root", int, "Exchanges of a group with its center between two exchanges "
-                  "of that center with the root (default: 4).")
+                  "of that center with the root.", default=4, bounds=">= 1")
 BETA_ROOT = Option("beta_root", float, "Moving rate of the group-to-root exchange as "
-                   "beta_root = groups * alpha_root, in (0, 1] (default: 0.9).")
-DEFAULT_TAU_ROOT = 4
-DEFAULT_BETA_ROOT = 0.9
+                   "beta_root = groups * alpha_root.", default=0.9, bounds="(0, 1]")
 
 
 def root_exchange_(group: SharedTensor, root: SharedTensor, alpha_root: float) -> Tensor:
@@ -120,23 +117,15 @@ class EASGDTree(Algorithm):
     reports = "the root"
 
     def validate(self, config: Any) -> None:
-        size = resolve_group_size(config)
-        tau_root = config.options.get("tau_root")
-        tau_root = DEFAULT_TAU_ROOT if tau_root is None else tau_root
-        if tau_root < 1:
-            raise ConfigError(f"--tau-root must be >= 1 (got {tau_root})")
-        beta_root = config.options.get("beta_root")
-        beta_root = DEFAULT_BETA_ROOT if beta_root is None else beta_root
-        check_range("--beta-root", beta_root, 0, 1, low_open=True)
-        groups = config.workers // size
-        config.resolved_options.update(group_size=size, groups=groups, tau_root=tau_root,
-                                       beta_root=beta_root, alpha_root=beta_root / groups,
-                                       weighting=resolve_weighting(config))
+        opts = config.resolved_options
+        groups = config.workers // group_size(config)
+        opts.update(groups=groups, alpha_root=opts["beta_root"] / groups)
+        check_weighting(config)
 
     def resolve_alpha(self, config: Any, alpha: float | None, beta: float | None) -> float:
         if alpha is not None:
             return alpha
-        return (self.default_beta if beta is None else beta) / resolve_group_size(config)
+        return (self.default_beta if beta is None else beta) / group_size(config)
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
         state = SharedState(locked=config.lock)

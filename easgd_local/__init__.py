@@ -6,8 +6,8 @@ imports this package and pays for what it pulls in.
 
 from __future__ import annotations
 
-from typing import Any
-
+# No import here, not even typing: this runs first in every command, and a Ctrl-C that comes
+# before easgd_local.__main__ guards against it would print a traceback.
 __version__ = "0.1.0"
 
 __all__ = ["BenchOptions", "ConfigError", "TrainConfig", "TrainError", "run_bench", "train",
@@ -17,7 +17,7 @@ _WHERE = {"TrainConfig": "config", "ConfigError": "config", "TrainError": "launc
           "train": "api", "BenchOptions": "bench", "run_bench": "bench"}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     import importlib
 
     if name in _WHERE:

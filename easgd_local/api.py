@@ -33,12 +33,13 @@ def train(config: TrainConfig | None = None, *, model: Spec | None = None,
     data: a factory returning (train, test) Datasets of (input, label) or tensors
     (X_train, y_train, X_test, y_test), or a built-in data set's name.
     loss: (outputs, targets) -> mean loss; metric: (outputs, targets) -> mean score in [0, 1]
-    (defaults: cross-entropy and accuracy). Raises ConfigError (one line) on bad input, before
-    any process starts; TrainError if the run cannot finish.
+    (defaults: cross-entropy and accuracy). Raises TypeError when ``config`` is not a
+    TrainConfig, ConfigError (one line) on bad input, before any process starts; TrainError if
+    the run cannot finish.
     """
-    from .launcher import train as run
+    from .launcher import expect_config, train as run
 
-    config = dataclasses.replace(config) if config is not None else TrainConfig()
+    config = dataclasses.replace(expect_config(config)) if config is not None else TrainConfig()
     if model is not None:
         config.model = spec_of(model, "model")
     if data is not None:

@@ -279,6 +279,16 @@ def run_name(index: int, algo: str, workers: int, tau: int | None, lr: float | N
             + ("" if lr is None else f"-lr{lr:g}") + ("" if repeat is None else f"-r{repeat}"))
 
 
+def faults_for(algo: str, faults: str | None) -> str | None:
+    """--fault for one run: a single-worker reference (sgd, msgd) has no rank 1 or above, so it
+    keeps the others (malformed ones too, for train to refuse)."""
+    if not faults or not single_worker(algo):
+        return faults
+    ranks = [(item, item.strip().split(":", 1)[0]) for item in faults.split(",")]
+    kept = [item for item, rank in ranks if not (rank.isdigit() and int(rank) >= 1)]
+    return ",".join(kept) or None
+
+
 def plan_runs(options: BenchOptions) -> list[RunSpec]:
     """Every (algorithm, tau, lr) once per repeat, repeat-major: repeat 0 of every run first."""
     specs: list[RunSpec] = []
@@ -309,7 +319,8 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
                         eval_every=options.eval_every, eval_budget=options.eval_budget,
                         eval_deferred=not options.live_eval,
                         # A timed run is measured, not kept: no periodic checkpoints in it.
-                        checkpoint_every=None, quiet=True, faults=options.faults,
+                        checkpoint_every=None, quiet=True,
+                        faults=faults_for(algo, options.faults),
                         options=options_for(algo, options.options))
                     step = base_lr if base_lr is not None else cfg.ALGORITHMS[algo].default_step
                     specs.append(RunSpec(index=len(specs) + 1, algo=algo, tau=tau, lr=step,
@@ -811,7 +822,7 @@ def run_bench(options: BenchOptions,
         from . import launcher
 
         train_fn = launcher.train
-    RunDir(out).create()  # refuses what cannot be written, in one line
+    RunDir(out).create(also_ours=(BENCH_FILE, TABLE_FILE, PLOT_FILE, "runs"))  # one line if not
     bench = bench_header(options, specs)
     busy = busy_note(bench)
     if busy and on_note:

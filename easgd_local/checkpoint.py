@@ -77,3 +77,52 @@ class Checkpointer:
         if not problems:
             raise CheckpointError(f"no checkpoint in {self.dir}")
         raise CheckpointError(f"no readable checkpoint in {self.dir} ({'; '.join(problems)})")
+
+
+# What a checkpoint says it was made by (key, flag): the settings that define its state. With
+# the state's layout (each saved entry's name and size), --resume refuses a checkpoint that is
+# not of the configuration beside it (a config.json copied from another run) in one line.
+MADE_BY = (("algo", "--algo"), ("model", "--model"), ("dataset", "--dataset"),
+           ("workers", "--workers"))
+REFUSED = "a checkpoint resumes only the run that wrote it"
+
+
+def made_by(config: Any, algorithm_state: dict[str, Any]) -> dict[str, Any]:
+    """The settings that made a checkpoint and the layout of its shared state."""
+    return {**{key: getattr(config, key) for key, _ in MADE_BY},
+            "layout": {name: int(t.numel()) for name, t in algorithm_state.items()}}
+
+
+def check_made_by(payload: dict[str, Any], config: Any, where: Path) -> None:
+    """CheckpointError (one line) when the checkpoint says it was made by other settings than
+    ``config`` has. A checkpoint written before checkpoints said so is checked by its layout
+    alone (check_layout)."""
+    made = payload.get("made_by")
+    if not isinstance(made, dict):
+        return
+    for key, flag in MADE_BY:
+        if key in made and made[key] != getattr(config, key):
+            raise CheckpointError(f"--resume {where}: its checkpoint was made with {flag} "
+                                  f"{made[key]}, but its config.json has {flag} "
+                                  f"{getattr(config, key)}; {REFUSED}")
+
+
+def check_layout(payload: dict[str, Any], sizes: dict[str, int], workers: int,
+                 where: Path) -> None:
+    """CheckpointError (one line) unless the saved shared state fits the one this
+    configuration builds (``sizes``: each entry's name and size): every saved entry one of
+    them, of its size, and one step count per worker."""
+    for name, t in payload["algorithm"].items():
+        size = int(t.numel()) if torch.is_tensor(t) else -1
+        if name not in sizes:
+            problem = f"an entry {name} that this configuration does not have"
+        elif sizes[name] != size:
+            problem = f"{name} of {size:,} values where this configuration has {sizes[name]:,}"
+        else:
+            continue
+        raise CheckpointError(f"--resume {where}: its checkpoint does not match its config.json "
+                              f"(it holds {problem}); {REFUSED}")
+    saved = int(payload["steps"].numel()) if torch.is_tensor(payload["steps"]) else -1
+    if saved != workers:
+        raise CheckpointError(f"--resume {where}: its checkpoint holds {saved} workers, its "
+                              f"config.json has --workers {workers}; {REFUSED}")

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import inspect
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -253,19 +254,22 @@ def _resumed(run_dir: Path, given: TrainConfig, on_command_line: set[str]) -> tu
     that cannot change and differs from the saved one is refused in one line."""
     import json
 
-    from .checkpoint import Checkpointer
+    from .checkpoint import Checkpointer, check_made_by
 
+    config_dir, checkpoint_dir = _resume_dirs(run_dir)
     try:
-        text = (run_dir / "config.json").read_text()
+        text = (config_dir / "config.json").read_text()
     except FileNotFoundError:
-        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?") from None
+        raise ConfigError(f"--resume {run_dir}: no config.json in {config_dir}; is it a run "
+                          "directory?") from None
     except OSError as e:
-        raise ConfigError(f"--resume {run_dir}: cannot read config.json ({e.strerror or e}); "
-                          "is it a run directory?") from None
+        raise ConfigError(f"--resume {run_dir}: cannot read {config_dir / 'config.json'} "
+                          f"({e.strerror or e}); is it a run directory?") from None
     try:
         saved = TrainConfig.from_dict(json.loads(text))
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({_one_line(str(e))})") from None
+        raise ConfigError(f"--resume {run_dir}: {config_dir / 'config.json'} is unreadable "
+                          f"({_one_line(str(e))})") from None
     if "out" in on_command_line and given.out is not None and Path(given.out).resolve() != run_dir.resolve():
         raise ConfigError(f"--out cannot change on a resume (the run is in {run_dir})")
     resolved = None
@@ -297,8 +301,32 @@ def _resumed(run_dir: Path, given: TrainConfig, on_command_line: set[str]) -> tu
     saved.out, saved.quiet = run_dir, given.quiet
     import dataclasses
 
-    dataclasses.replace(saved, options=dict(saved.options)).validate()  # a mistyped config.json
-    return saved, Checkpointer(run_dir).load()
+    checked = dataclasses.replace(saved, options=dict(saved.options)).validate()  # a mistyped config.json
+    checkpoint = Checkpointer(checkpoint_dir).load()
+    check_made_by(checkpoint, checked, run_dir)  # a config.json copied from another run
+    return saved, checkpoint
+
+
+def _resume_dirs(run_dir: Path) -> tuple[Path, Path]:
+    """Where the run in ``run_dir`` keeps its config.json and its checkpoint: both in it, but in
+    a job of several boxes (resumed with the torchrun command that started it, on every box),
+    where box 0 keeps its configuration in OUT and its checkpoints in OUT/box-0, and box k both
+    in OUT/box-k (torchrun's RANK says which box this is; multinode.py)."""
+    from .multinode import box_dir, torchrun_env
+
+    env = torchrun_env()
+    rank = None if env is None else env[0]
+    if box_dir(run_dir, 0).is_dir() or (rank is not None and box_dir(run_dir, rank).is_dir()):
+        if rank is None:
+            raise ConfigError(f"--resume {run_dir}: a job of several boxes; resume it with the "
+                              f"torchrun command that started it, on every box, with --resume "
+                              f"{run_dir} added")
+        return (run_dir if rank == 0 else box_dir(run_dir, rank)), box_dir(run_dir, rank)
+    if re.fullmatch(r"box-\d+", run_dir.name) and (run_dir.parent / "config.json").exists():
+        raise ConfigError(f"--resume {run_dir}: one box of a job of several boxes; resume the "
+                          f"job with the torchrun command that started it, on every box, with "
+                          f"--resume {run_dir.parent} added")
+    return run_dir, run_dir
 
 
 class ProgressReporter:
@@ -378,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         return 130
+    if result == 130:  # typer turns a KeyboardInterrupt in a command into exit code 130, silently
+        typer.echo("interrupted", err=True)
     return result if isinstance(result, int) else 0
 
 

@@ -163,7 +163,8 @@ class TrainConfig:
     faults: str | None = setting(
         None, flag="--fault", concern="system", per_box=True,
         help="Inject faults, for a demo: rank:step:kind[,...] with kind slow:F (that rank F "
-             "times slower from that step), pause:S (stops S seconds), kill, exit, hang, nan.")
+             "times slower from that step), pause:S (stops S seconds), kill, exit, hang, nan; "
+             "rank below --workers.")
     # Evaluation
     eval_every: float | None = setting(
         None, flag="--eval-every", kind=float, bounds="> 0", unit="seconds",
@@ -219,7 +220,8 @@ class TrainConfig:
     out: Path | None = setting(
         None, flag="--out", kind=Path, concern="output", per_box=True,
         default_text="runs/<timestamp>-<algo>-p<workers>",
-        help="Output directory (refused if it already holds a run).")
+        help="Output directory (refused if it already holds a run, or anything a run does not "
+             "write).")
     quiet: bool = setting(
         False, flag="--quiet", aliases=("-q",), kind=bool, concern="output", resumable=True,
         per_box=True, help="No progress bar and no summary table.")
@@ -247,14 +249,6 @@ class TrainConfig:
             raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
         algorithm = ALGORITHMS[self.algo]
         self._check_declared()
-        if self.faults:
-            from .worker import parse_fault
-
-            for item in filter(None, self.faults.split(",")):
-                try:
-                    rank, _, _ = parse_fault(item)
-                except ValueError as e:
-                    raise ConfigError(f"--fault: {e}") from None
         self._resolve_box_level()
         momentum_algos = [a.name for a in ALGORITHMS.values() if a.uses_momentum]
         if self.momentum is not None and not algorithm.uses_momentum:
@@ -271,6 +265,7 @@ class TrainConfig:
                               f"(use one of {', '.join(boxed)})")
 
         self._resolve_devices(_cuda_count() if cuda_count is None else cuda_count)
+        self._check_faults()
         self.resolved_options = {}
         algorithm.resolve_options(self)  # each option's type, range and default (its declaration)
         self._resolve_alpha(algorithm)
@@ -285,6 +280,20 @@ class TrainConfig:
             message = problem(declaration, getattr(self, name), declaration.label or name)
             if message:
                 raise ConfigError(message)
+
+    def _check_faults(self) -> None:
+        """Every --fault well formed and aimed at a worker of this run (once --workers is
+        resolved): a fault that could never fire is refused, not ignored."""
+        from .worker import parse_fault
+
+        for item in filter(None, (self.faults or "").split(",")):
+            try:
+                rank, _, _ = parse_fault(item)
+            except ValueError as e:
+                raise ConfigError(f"--fault: {e}") from None
+            if rank >= self.workers:
+                raise ConfigError(f"--fault {item.strip()}: rank {rank} is beyond --workers "
+                                  f"{self.workers} (ranks 0..{self.workers - 1})")
 
     def _check_options_apply(self, algorithm: Any) -> None:
         """Every algorithm option given is one that --algo takes."""
@@ -399,6 +408,33 @@ def _check_memory(workers: int) -> None:
         raise ConfigError(f"--workers {workers} needs about {workers * per:,.0f} GB ({per:.1f} GB "
                           f"per worker process) and this machine has {available / 2**30:.1f} GB "
                           "available")
+
+
+# Copies of the model's flat float32 state each process holds: a worker its parameters, their
+# gradients, momentum and an exchange buffer; the main process's evaluator its model, its
+# gradients and a snapshot. The shared state's copies (a center, a slot per worker...) are the
+# algorithm's, counted by the caller.
+WORKER_MODEL_COPIES = 4
+EVALUATOR_MODEL_COPIES = 3
+
+
+def check_model_memory(config: "TrainConfig", values: int, shared_copies: float) -> None:
+    """Refuse, in one line before anything starts, a model whose copies cannot all fit in this
+    machine's memory: each CPU worker's, the evaluator's and the shared state's (``values``:
+    the model's flat state; a worker on a GPU keeps its copies there)."""
+    available = _available_memory()
+    if available is None:
+        return
+    model = values * 4
+    cpu_workers = sum(1 for d in config.worker_devices if d == "cpu")
+    copies = cpu_workers * WORKER_MODEL_COPIES + EVALUATOR_MODEL_COPIES + shared_copies
+    need = config.workers * WORKER_MEMORY_BYTES + model * copies
+    if need > available:
+        gb = 2**30
+        raise ConfigError(f"--model {config.model} has {values:,} values ({model / gb:,.1f} GB); "
+                          f"held by {config.workers} worker(s), the evaluator and the shared "
+                          f"state ({copies:.0f} copies) it needs about {need / gb:,.0f} GB and "
+                          f"this machine has {available / gb:.1f} GB available")
 
 
 def _cuda_count() -> int:

@@ -89,7 +89,7 @@ class WorkerChannels:
     losses: torch.Tensor  # float64 [workers]: mean training loss since the last report
     control: torch.Tensor  # int64 [CONTROL_SIZE]: GO, STOP, CHECKPOINT (asked for), RESUME (taken)
     counters: torch.Tensor  # float64 [workers, COUNTERS]: EXCHANGES, BYTES, EXCHANGE_SECONDS, DIVERGENCES
-    barrier: Any = None  # Barrier of the synchronous algorithms (its action fills `agreed`)
+    barrier: Any = None  # barrier.Barrier of the synchronous algorithms (its action fills `agreed`)
     agreed: torch.Tensor | None = None  # int64 [2]: stop and checkpoint, decided at the barrier
     rendezvous: str | None = None  # DDP: where the process group meets
 
@@ -109,7 +109,11 @@ class WorkerChannels:
         if synchronous:
             import functools
 
-            barrier = ctx.Barrier(config.workers, action=functools.partial(decide_stop, control, agreed))
+            from .barrier import Barrier
+
+            # In shared memory, not multiprocessing's: nothing left in /dev/shm, a broken barrier
+            # never blocks the main process, and the watchdog sees who waits (barrier.py).
+            barrier = Barrier(config.workers, action=functools.partial(decide_stop, control, agreed))
         return cls(shared=shared, steps=steps.share_memory_(), losses=losses.share_memory_(),
                    control=control, counters=counters.share_memory_(), barrier=barrier,
                    agreed=agreed)

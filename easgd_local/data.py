@@ -53,6 +53,8 @@ class DatasetInfo:
     image_size: int  # side of the (square) images the model receives, after any crop
     # Training samples, where prepare_dataset knows it cheaply (not part of the identity).
     train_size: int | None = field(default=None, compare=False)
+    # A user's data: how many distinct labels occur (num_classes is the largest + 1).
+    distinct_labels: int | None = field(default=None, compare=False)
 
 
 # ---------------------------------------------------------------------------------------

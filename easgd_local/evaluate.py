@@ -106,12 +106,16 @@ class Evaluator:
         from .config import ConfigError
 
         model = self.state.module
+        if self.state.n_params == 0:  # the meta build in launcher.prepare saw it where it could
+            from .models import nothing_to_train
+
+            raise ConfigError(nothing_to_train(self.model_name))
         x, y = next(iter(self.data.batches(2, drop_last=False)))
         model.eval()
         try:
             with torch.no_grad():
                 out = model(x)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise ConfigError(f"--model {self.model_name} cannot take the inputs of "
                               f"{self.data.info.name} (shape {tuple(x.shape)}): {type(e).__name__}: "
                               f"{' '.join(str(e).split())}"[:400]) from None

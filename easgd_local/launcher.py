@@ -12,6 +12,7 @@ Nothing here depends on the algorithm: what differs is asked of its registry obj
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,12 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from multiprocessing.connection import wait as wait_for_messages
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.multiprocessing as mp
 
-from .checkpoint import Checkpointer
+from .checkpoint import REFUSED, Checkpointer, CheckpointError, check_layout, made_by
 from .config import ConfigError, TrainConfig
 from .control import (BYTES, CHECKPOINT, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, GO, RESUME,
                       STOP, Done, Event, Failed, Ready, State, WorkerChannels, steps_budget)
@@ -49,6 +50,13 @@ STALL_FLOOR_SECONDS = 20.0
 STALL_FACTOR = 20.0
 # After STOP, workers get this long (or 3 of the longest pauses seen) to finish their step.
 STOP_GRACE_SECONDS = 5.0
+# A run whose workers keep diverging has failed (exit 1, the last finite center kept): more
+# than DIVERGENCES_PER_WORKER divergences per worker since it started (or was resumed), which
+# are also at least DIVERGENT_SHARE of its exchanges (a long run may diverge now and then).
+DIVERGENCES_PER_WORKER = 3
+DIVERGENT_SHARE = 0.1
+# A classifier that diverged and ends at most this far above 1/classes is no better than chance.
+CHANCE_MARGIN = 0.05
 
 
 class TrainError(RuntimeError):
@@ -95,6 +103,7 @@ def prepare(config: TrainConfig, resuming: bool = False) -> tuple[RunDir, int, R
         raise ConfigError(f"--batch-size {config.batch_size} exceeds the {info.train_size} "
                           f"training samples of {config.dataset}")
     image_size = model_input_size(config.model, info.image_size)
+    check_model(config, info, image_size)
     if config.out is None:
         config.out = default_out(config.algo, config.workers)
     out = RunDir(config.out)
@@ -113,6 +122,56 @@ def prepare(config: TrainConfig, resuming: bool = False) -> tuple[RunDir, int, R
     return out, image_size, lock
 
 
+# A user's labels are class indices: far more classes than distinct labels (a label of
+# 10,000,000 among ten) is most likely a mistake, and makes the model that large.
+FAR_MORE_CLASSES = 10  # times the distinct labels
+MANY_MORE_CLASSES = 100  # and at least this many classes that no label uses
+
+
+def check_model(config: TrainConfig, info: Any, image_size: int) -> None:
+    """Before anything is written or started: the model built on the meta device (models.py:
+    nothing allocated), refused in one line when it has nothing to train or when its copies
+    (each worker's, the evaluator's, the shared state's) cannot fit in memory; a warning at far
+    more classes than the data has distinct labels."""
+    import dataclasses
+
+    from .config import check_model_memory
+    from .models import count_parameters, nothing_to_train
+
+    distinct = info.distinct_labels
+    if distinct and info.num_classes > FAR_MORE_CLASSES * distinct and (
+            info.num_classes - distinct >= MANY_MORE_CLASSES):
+        log.warning("--dataset %s: its labels go up to %d, so the model gets %s classes, but only "
+                    "%d distinct labels occur; labels are class indices (0, 1, 2, ...): renumber "
+                    "them", config.dataset, info.num_classes - 1, f"{info.num_classes:,}", distinct)
+    counted = count_parameters(config.model, dataclasses.replace(info, image_size=image_size))
+    if counted is None:  # not buildable on the meta device: the evaluator's build checks it
+        return
+    values, trained = counted
+    if trained == 0:
+        raise ConfigError(nothing_to_train(config.model))
+    check_model_memory(config, values, _shared_copies(config))
+
+
+def _shared_copies(config: TrainConfig) -> float:
+    """Copies of the model in the algorithm's shared state (a center, a slot per worker...),
+    from a small stand-in of it."""
+    size = 4096
+    shared = config.algorithm.shared_state(config, torch.zeros(size), size)
+    try:
+        return shared.numel() / size
+    finally:
+        shared.close()
+
+
+def expect_config(config: Any) -> TrainConfig:
+    """``config`` itself when it is a TrainConfig; else a TypeError that says so."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be an easgd_local.TrainConfig (such as TrainConfig(algo="
+                        f"'easgd', workers=4)), not {type(config).__name__}")
+    return config
+
+
 def train(config: TrainConfig, reporter: Reporter | None = None,
           resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one training job described by ``config``; returns the summary (also in summary.json).
@@ -120,6 +179,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None,
     ``resume``: a loaded checkpoint (checkpoint.Checkpointer.load) of the run in config.out;
     the workers, the shared state, the step counters and the time axis continue from it.
     """
+    expect_config(config)
     t_start = time.perf_counter()
     box = None
     if config.multi_node:
@@ -183,6 +243,7 @@ class _Worker:
     proc: Any
     conn: Any  # read end of this worker's pipe
     incarnation: int = 0
+    resume: bytes | None = None  # the saved state it was started from
     ready: bool = False
     done: bool = False
     restart_started: float | None = None
@@ -214,7 +275,7 @@ class Run:
         init = self.evaluator.state.flat.detach().cpu()
         shared = self.algorithm.shared_state(config, init, self.evaluator.state.n_params)
         if resume is not None:
-            self.algorithm.load_state_dict(shared, resume["algorithm"])
+            self.load_resume(shared, resume)
         self.ch = WorkerChannels.create(config, shared, self.ctx, self.algorithm.synchronous, resume)
         self.checkpointer = Checkpointer(_checkpoint_dir(config, box))
         self.workers: list[_Worker] = []
@@ -225,6 +286,8 @@ class Run:
         # A resumed run gets a fresh --max-restarts budget; the summary counts them all.
         self.restarts_before = int(resume["restarts"]) if resume is not None else 0
         self.restarts = 0
+        # Divergences and exchanges are judged from this start on (a resumed run too).
+        self.counted_before = self.ch.counters.sum(0).clone()
         self.restart_seconds: list[float] = []
         self.last_accuracy: float | None = None
         self.last_record: dict[str, Any] = {}
@@ -287,6 +350,24 @@ class Run:
             set_lock_timeout(None)
             torch.set_num_threads(threads)
             self.reporter.finished()
+
+    def load_resume(self, shared: Any, resume: dict[str, Any]) -> None:
+        """The saved shared state into ``shared``; CheckpointError (one line, nothing started)
+        when it is not of this configuration: entries this one lacks or of other sizes, another
+        number of workers, an entry this one needs missing."""
+        where = self.config.out
+        try:
+            check_layout(resume, {name: shared[name].numel for name in shared},
+                         self.config.workers, where)
+            self.algorithm.load_state_dict(shared, resume["algorithm"])
+        except KeyError as e:  # an entry that this configuration needs and the checkpoint lacks
+            shared.close()
+            missing = " ".join(str(e.args[0] if e.args else e).split())
+            raise CheckpointError(f"--resume {where}: its checkpoint does not match its "
+                                  f"config.json ({missing}); {REFUSED}") from None
+        except BaseException:
+            shared.close()
+            raise
 
     def reported(self) -> torch.Tensor:
         """A copy of the model the algorithm reports, now (with several boxes: the root, as the
@@ -362,10 +443,11 @@ class Run:
         proc = self.ctx.Process(target=run_worker, name=f"easgd-worker-{rank}",
                                 args=(rank, self.config, self.ch, writer, os.getpid(),
                                       self.image_size, incarnation, resume))
-        proc.start()
+        with interrupts_blocked():
+            proc.start()
         # Only the worker may hold the write end: when it dies, the read end sees EOF at once.
         writer.close()
-        worker = _Worker(rank, proc, reader, incarnation)
+        worker = _Worker(rank, proc, reader, incarnation, resume)
         if rank < len(self.workers):
             self.workers[rank] = worker
         else:
@@ -419,19 +501,23 @@ class Run:
         rank, config = worker.rank, self.config
         if self.ch.control[STOP]:
             return  # died while the run was ending anyway: nothing to replace
-        if not worker.ready and worker.incarnation == 0:
-            raise TrainError(f"worker {rank} exited with code {code} while starting")
+        # A worker that dies while starting (kill -9 during its imports) is replaced like any
+        # other; one that never trained keeps the state it was to resume from.
+        when = "" if worker.ready else " while starting"
         if self.algorithm.synchronous:
-            raise TrainError(f"worker {rank} died (exit code {code}); {config.algo} moves all "
-                             "workers together and cannot go on without it")
+            raise TrainError(f"worker {rank} died{when} (exit code {code}); {config.algo} moves "
+                             "all workers together and cannot go on without it")
         if self.restarts >= config.max_restarts:
-            raise TrainError(f"worker {rank} died (exit code {code}) and --max-restarts "
-                             f"{config.max_restarts} restart(s) are used up; checkpoint in "
-                             f"{self.checkpointer.dir}")
+            kept = (f"checkpoint in {self.checkpointer.dir}" if self.t0 else
+                    "the run never started")
+            raise TrainError(f"worker {rank} died{when} (exit code {code}) and --max-restarts "
+                             f"{config.max_restarts} restart(s) are used up; {kept}")
         self.restarts += 1
-        log.warning("worker %d died (exit code %s); restarting it from shared state (%d of %d)",
-                    rank, code, self.restarts, config.max_restarts)
-        new = self.spawn(rank, worker.incarnation + 1, None)
+        if worker.ready:  # it restarts from shared state: a checkpoint before it answers says so
+            self.states.pop(rank, None)
+        log.warning("worker %d died%s (exit code %s); restarting it from shared state (%d of %d)",
+                    rank, when, code, self.restarts, config.max_restarts)
+        new = self.spawn(rank, worker.incarnation + 1, None if worker.ready else worker.resume)
         new.restart_started = time.perf_counter()
 
     def await_ready(self) -> int:
@@ -456,6 +542,7 @@ class Run:
             if config.time_limit is not None and elapsed >= config.time_limit:
                 ch.control[STOP] = 1
             self.watch(now)
+            self.check_divergences()
             if self.box is not None and not all(w.done for w in self.workers):
                 self.box_round(done=False)
             if not all(w.done for w in self.workers):
@@ -464,9 +551,9 @@ class Run:
                 except LockTimeout as e:
                     log.warning("snapshot skipped: %s", e)
             if now >= next_checkpoint:
-                self.checkpoint_now(elapsed)
+                unanswered = self.checkpoint_now(elapsed)
                 next_checkpoint = time.perf_counter() + config.checkpoint_every
-                self.forget_pauses()  # the workers paused for it: no stall
+                self.forget_pauses(but=unanswered)  # the others paused for it: no stall
             self.reporter.progress(int(ch.steps.sum()) * config.batch_size, elapsed,
                                    self.last_accuracy)
         train_seconds = time.perf_counter() - self.t0
@@ -483,16 +570,18 @@ class Run:
             return self.config.stall_timeout
         return max(STALL_FLOOR_SECONDS, STALL_FACTOR * self.longest_pause)
 
-    def forget_pauses(self) -> None:
-        """Restart every worker's no-progress clock (after a pause the main process caused)."""
+    def forget_pauses(self, but: set[int] | frozenset[int] = frozenset()) -> None:
+        """Restart the no-progress clock of every worker (after a pause the main process caused)
+        but the ranks in ``but``."""
         now = time.perf_counter()
-        self.progress = {r: (proc, steps, now) for r, (proc, steps, _) in self.progress.items()}
+        self.progress = {r: (proc, steps, since if r in but else now)
+                         for r, (proc, steps, since) in self.progress.items()}
 
     def watch(self, now: float) -> None:
         """Workers that make no progress: after STOP, one that does not finish within the
         grace is killed (the run ends with what it has); before, one that makes no step for the
-        stall timeout is declared dead (killed, and replaced like any dead worker). Only the one
-        stalled longest is killed at a time: others may only be waiting for a lock it holds."""
+        stall timeout is declared dead (killed, and replaced like any dead worker). Only one is
+        killed at a time, the one stuck (``culprit``): others may only be waiting for it."""
         steps = self.ch.steps.tolist()
         stalled = []
         for w in self.workers:
@@ -516,27 +605,47 @@ class Run:
                                     "from the last checkpoint is kept)", w.rank, grace)
                         w.proc.kill()
             return
-        if stalled:
-            # The one holding a lock first (the others may be waiting for it), then the one
-            # stalled longest.
-            holders = self.ch.shared.lock_holders()
-            pause, w = max(stalled, key=lambda item: (item[1].proc.pid in holders, item[0]))
-            timeout = self.stall_timeout()
+        timeout = self.stall_timeout()
+        if stalled and max(pause for pause, _ in stalled) > timeout:
+            pause, w = self.culprit(stalled)
             if pause > timeout:
                 log.warning("worker %d made no step for %.0f s (--stall-timeout %.0f s); "
                             "declaring it dead", w.rank, pause, timeout)
                 w.proc.kill()
+                if self.algorithm.synchronous:  # the others wait for it: the run ends here
+                    raise TrainError(f"worker {w.rank} made no step for {pause:.0f} s and was "
+                                     f"declared dead; {self.config.algo} moves all workers "
+                                     "together and cannot go on without it; checkpoint in "
+                                     f"{self.checkpointer.dir}")
                 self.forget_pauses()
+
+    def culprit(self, stalled: list[tuple[float, _Worker]]) -> tuple[float, _Worker]:
+        """Which of the workers that make no step is stuck, as (its pause, it): one stopped by a
+        signal (kill -STOP) first, then one holding a lock of shared state (the others may be
+        waiting for it), then one not waiting for the others (in a synchronous algorithm they
+        all stop stepping, those at the barrier or in ddp's all-reduce for the one that is not),
+        then the one with the fewest steps, then the one stalled longest."""
+        holders = self.ch.shared.lock_holders()
+        waiting = self.ch.barrier.waiting() if self.ch.barrier is not None else set()
+        steps = self.ch.steps.tolist()
+
+        def suspicion(item: tuple[float, _Worker]) -> tuple:
+            pause, w = item
+            return (_stopped(w.proc.pid), w.proc.pid in holders, w.rank not in waiting,
+                    -steps[w.rank], pause)
+
+        return max(stalled, key=suspicion)
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def checkpoint_now(self, elapsed: float) -> None:
+    def checkpoint_now(self, elapsed: float) -> set[int]:
         """A checkpoint of one instant: every worker answers with its state and pauses, the
         shared state is copied once all have answered (no exchange can happen in between), then
         they go on.
 
         A worker that does not answer within STATE_TIMEOUT_SECONDS keeps its older state in the
-        checkpoint, which is then not of one instant; this is logged."""
+        checkpoint, which is then not of one instant; this is logged. Returns those ranks (they
+        did not pause for it: their stall clocks go on)."""
         self.checkpoint_seq += 1
         seq = self.checkpoint_seq
         self.ch.control[CHECKPOINT] = seq
@@ -554,13 +663,15 @@ class Run:
             payload = self.checkpoint_payload(elapsed)
         except LockTimeout as e:
             log.warning("checkpoint skipped: %s", e)
-            return
+            return set(waiting)
         finally:
             self.ch.control[RESUME] = seq  # the copies are taken: the workers go on
         self.write_checkpoint(payload)
+        return set(waiting)
 
     def checkpoint_payload(self, elapsed: float) -> dict[str, Any]:
-        payload = {"algorithm": self.algorithm.state_dict(self.ch.shared),
+        state = self.algorithm.state_dict(self.ch.shared)
+        payload = {"algorithm": state, "made_by": made_by(self.config, state),
                    "steps": self.ch.steps.clone(), "counters": self.ch.counters.clone(),
                    "losses": self.ch.losses.clone(), "workers": dict(self.states),
                    "elapsed": elapsed, "restarts": self.restarts_before + self.restarts}
@@ -631,49 +742,20 @@ class Run:
         """After training: the model first (nothing after it can cost the trained model), the
         checkpoint, then the evaluations still due and the final one, on the whole test set.
 
-        An interrupt now stops the evaluation and leaves (exit 130) with the model and the
-        checkpoint saved. An evaluation that fails is recorded as failed in the summary; the run
-        then ends with that error in one line (exit 1), the model and checkpoint saved."""
+        An interrupt now stops the evaluation and leaves (exit 130), the model and checkpoint
+        saved. A failed evaluation, and a diverged model at chance (check_chance), end the run
+        after the summary with one line (exit 1), the model and checkpoint saved."""
         config, ch, scheduler = self.config, self.ch, self.scheduler
-        ended = time.perf_counter()
-        counters = ch.counters.sum(0).tolist()
+        ended, counters = time.perf_counter(), ch.counters.sum(0).tolist()
         samples = int(ch.steps.sum()) * config.batch_size
-        boxes: dict[str, Any] = {}
-        if self.box is not None:  # every box at once, before box 0 evaluates
-            b = self.box
-            all_samples, all_bytes, all_exchanges = b.totals([samples, b.bytes, counters[EXCHANGES]])
-            boxes = {"boxes": b.world, "box": b.rank, "total_samples_all_boxes": int(all_samples),
-                     "samples_per_second_all_boxes": all_samples / train_seconds if train_seconds > 0 else 0.0,
-                     "exchanges_all_boxes": int(all_exchanges),
-                     "bytes_between_boxes": int(all_bytes), "root_rounds": b.rounds,
-                     "bytes_between_boxes_per_sample": all_bytes / all_samples if all_samples else None,
-                     "root_lock_seconds_max": max(b.lock_seconds, default=0.0),
-                     "root_lock_seconds_mean": sum(b.lock_seconds) / len(b.lock_seconds) if b.lock_seconds else 0.0,
-                     "root_round_seconds_mean": sum(b.round_seconds) / len(b.round_seconds) if b.round_seconds else 0.0,
-                     "alpha_root": b.alpha_root, "box_tau": b.tau,
-                     "box_beta": config.box_beta}
+        boxes = self.box_totals(samples, counters, train_seconds) if self.box is not None else {}
         snapshot, final = self.snapshot(train_seconds)
         try:
             self.out.save_state_dict("center.pt", self.evaluator.state_dict(snapshot))
         except OSError as e:
             raise TrainError(f"cannot write {self.out.path / 'center.pt'}: {e.strerror or e}") from None
         self.save_checkpoint(train_seconds)
-        eval_error = scheduler.failed
-        try:
-            if self.signals:
-                raise Cancelled()
-            scheduler.finish(threads=scheduler.units if self.evaluator.device.type == "cpu" else None)
-            if scheduler.failed is None:
-                record, _ = evaluate_record(self.evaluator, snapshot, final, scheduler.cancel, True)
-                self.record(record)
-        except Cancelled:
-            log.warning("interrupted during the final evaluation: center.pt and the checkpoint "
-                        "are saved in %s", self.out.path)
-            raise KeyboardInterrupt from None
-        except Exception as e:  # an unreadable test image, a broken data set
-            eval_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
-            log.debug("evaluation failed", exc_info=True)
-        eval_error = eval_error or scheduler.failed
+        eval_error = self.final_evaluation(snapshot, final)
         summary = {**boxes,
             "algo": config.algo, "workers": config.workers, "devices": config.worker_devices,
             "tau": config.tau, "alpha": config.resolved_alpha,
@@ -710,10 +792,95 @@ class Run:
         except OSError as e:
             raise TrainError(f"cannot write {self.out.path / 'summary.json'}: {e.strerror or e}; "
                              "center.pt is saved") from None
+        self.check_chance(summary)
         if eval_error:
             raise TrainError(f"evaluation failed ({eval_error}); the trained model is saved in "
                              f"{self.out.path / 'center.pt'}")
         return summary
+
+    def box_totals(self, samples: int, counters: list[float], train_seconds: float) -> dict[str, Any]:
+        """The summary's figures of every box together (one all-reduce, on every box at once,
+        before box 0 evaluates)."""
+        b = self.box
+        all_samples, all_bytes, all_exchanges = b.totals([samples, b.bytes, counters[EXCHANGES]])
+        return {"boxes": b.world, "box": b.rank, "total_samples_all_boxes": int(all_samples),
+                "samples_per_second_all_boxes": all_samples / train_seconds if train_seconds > 0 else 0.0,
+                "exchanges_all_boxes": int(all_exchanges),
+                "bytes_between_boxes": int(all_bytes), "root_rounds": b.rounds,
+                "bytes_between_boxes_per_sample": all_bytes / all_samples if all_samples else None,
+                "root_lock_seconds_max": max(b.lock_seconds, default=0.0),
+                "root_lock_seconds_mean": sum(b.lock_seconds) / len(b.lock_seconds) if b.lock_seconds else 0.0,
+                "root_round_seconds_mean": sum(b.round_seconds) / len(b.round_seconds) if b.round_seconds else 0.0,
+                "alpha_root": b.alpha_root, "box_tau": b.tau,
+                "box_beta": self.config.box_beta}
+
+    def final_evaluation(self, snapshot: torch.Tensor, final: dict[str, Any]) -> str | None:
+        """The evaluations still due, then the final one on the whole test set; the error of
+        one that failed (one line), else None. An interrupt stops it: KeyboardInterrupt."""
+        scheduler = self.scheduler
+        eval_error = scheduler.failed
+        try:
+            if self.signals:
+                raise Cancelled()
+            scheduler.finish(threads=scheduler.units if self.evaluator.device.type == "cpu" else None)
+            if scheduler.failed is None:
+                record, _ = evaluate_record(self.evaluator, snapshot, final, scheduler.cancel, True)
+                self.record(record)
+        except Cancelled:
+            log.warning("interrupted during the final evaluation: center.pt and the checkpoint "
+                        "are saved in %s", self.out.path)
+            raise KeyboardInterrupt from None
+        except Exception as e:  # an unreadable test image, a broken data set
+            eval_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            log.debug("evaluation failed", exc_info=True)
+        return eval_error or scheduler.failed
+
+    def check_divergences(self) -> None:
+        """Workers that keep diverging (DIVERGENCES_PER_WORKER, DIVERGENT_SHARE) end the run as
+        failed: TrainError, with the last finite center saved (execute adds the checkpoint)."""
+        counted = self.ch.counters.sum(0) - self.counted_before
+        diverged, exchanges = int(counted[DIVERGENCES]), int(counted[EXCHANGES])
+        limit = DIVERGENCES_PER_WORKER * self.config.workers
+        if diverged <= limit or diverged < DIVERGENT_SHARE * (diverged + exchanges):
+            return
+        kept = self.keep_center()
+        raise TrainError(f"the workers diverged {diverged} times (more than {limit}, "
+                         f"{DIVERGENCES_PER_WORKER} per worker; {exchanges} exchanges went "
+                         f"through): the run failed; lower --lr or check the data for NaN or "
+                         f"infinite values; {kept}")
+
+    def keep_center(self) -> str:
+        """Write the reported model to center.pt when it is finite (shared state never takes a
+        non-finite contribution); says where the model and the checkpoint are."""
+        where = f"the checkpoint is in {self.checkpointer.dir}"
+        if self.scheduler is not None:
+            self.scheduler.close()  # the evaluator's model is free for the copy (no more records)
+        try:
+            snapshot = self.reported()
+        except LockTimeout:
+            return where
+        if not bool(torch.isfinite(snapshot).all()):
+            return where
+        try:
+            self.out.save_state_dict("center.pt", self.evaluator.state_dict(snapshot))
+        except OSError:
+            return where
+        return f"the last finite center is saved in {self.out.path / 'center.pt'}, {where}"
+
+    def check_chance(self, summary: dict[str, Any]) -> None:
+        """A classifier (the default loss and metric) whose workers diverged and whose reported
+        model ends no better than chance (at most CHANCE_MARGIN above 1 / classes) failed."""
+        accuracy, diverged = summary["final_test_accuracy"], summary["divergences"]
+        if accuracy is None or not diverged or self.config.loss or self.config.metric:
+            return
+        classes = self.evaluator.data.info.num_classes
+        if accuracy > 1 / classes + CHANCE_MARGIN:
+            return
+        raise TrainError(f"the model is no better than chance (test accuracy {accuracy:.4f}, "
+                         f"{1 / classes:.4f} by chance with {classes} classes) and the workers "
+                         f"diverged {diverged} times: the run failed; lower --lr or check the "
+                         f"data for NaN or infinite values; center.pt, the checkpoint and "
+                         f"summary.json are in {self.out.path}")
 
     def stop_workers(self, wait: float = JOIN_GRACE_SECONDS - 1.0) -> None:
         """Tell the workers to stop and collect their final states for a while."""
@@ -758,6 +925,38 @@ class Run:
         if self.scheduler is not None:
             self.scheduler.close()
         self.ch.shared.close()
+        if self.ch.barrier is not None:
+            self.ch.barrier.close()
+
+
+@contextlib.contextmanager
+def interrupts_blocked() -> Iterator[None]:
+    """Ctrl-C reaches the whole process group, also a worker still importing torch, before
+    run_worker can ignore it (a KeyboardInterrupt traceback per worker). A worker is started
+    with the interrupts blocked, a mask that survives exec, and unblocks them once it ignores
+    them; here they only wait (pending) until the start returns, then are handled as ever."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    # multiprocessing starts its resource tracker at the first start, and unblocks SIGINT and
+    # SIGTERM after it (SIG_UNBLOCK, whatever was blocked before): start it first.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped (kill -STOP, or a debugger), from /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _discard_messages(worker: _Worker) -> None:

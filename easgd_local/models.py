@@ -202,3 +202,32 @@ def build_model(name: str, info: DatasetInfo) -> nn.Module:
     n_params = sum(p.numel() for p in model.parameters())
     logger.debug("built %s for %s: %d parameters", name, info.name, n_params)
     return model
+
+
+def count_parameters(name: str, info: DatasetInfo) -> tuple[int, int] | None:
+    """(values of the model's flat state, trainable parameters) for ``info``, from a build on
+    the meta device, which allocates nothing: a model too large for this machine is measured
+    before any copy of it exists. None where the model cannot be built there (a factory that
+    reads its weights from a file); the real build in the main process then checks it."""
+    import warnings
+
+    from .user import FactoryExit
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = build_model(name, info)
+    except FactoryExit:  # sys.exit() in the factory: wherever it is built
+        raise
+    except Exception:  # perhaps only on the meta device: the real build reports it, in one line
+        return None
+    named = list(model.parameters())  # each parameter once, however often it is used
+    trained = sum(p.numel() for p in named if p.requires_grad)
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    return sum(p.numel() for p in named) + buffers, trained
+
+
+def nothing_to_train(name: str) -> str:
+    """The one line for a model without a parameter that requires grad."""
+    return (f"--model {name} has no trainable parameter (none requires grad): there is "
+            "nothing to train")

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 RESULT_FILES = ("config.json", "metrics.jsonl", "summary.json", "center.pt")
+# Everything else a run writes into its directory; with RESULT_FILES, the box-<k>/ directories
+# of several boxes and the temporary files of atomic writes, what --out may hold and be ours.
+RUN_ENTRIES = (".lock", "checkpoint", ".snapshots", ".write-test")
 
 
 class OutputError(ValueError):
@@ -38,6 +41,22 @@ def atomic_write(path: Path, write: Any, binary: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _is_box_or_temp(name: str) -> bool:
+    """box-<k>/ of several boxes, or a temporary file an atomic write left (.<name>.*.tmp)."""
+    box, _, k = name.partition("-")
+    return (box == "box" and k.isdigit()) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _is_our_config(path: Path) -> bool:
+    """A config.json that a run wrote (a run that never started leaves only it), not a file of
+    someone else's by that name."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"algo", "model", "workers"} <= saved.keys()
 
 
 class RunLock:
@@ -84,19 +103,21 @@ class RunDir:
         """Hold this directory for one run (OutputError in one line if another process does)."""
         return RunLock(self.path)
 
-    def create(self) -> None:
-        """Make the directory, refusing one that already holds a run's results."""
+    def create(self, also_ours: tuple[str, ...] = ()) -> None:
+        """Make the directory, refusing one that already holds a run's results, and one that
+        exists, is not empty and holds no run (a symlink to /etc, a project's folder): only what
+        a run writes (RUN_ENTRIES, and ``also_ours``) may be in it. A run that never started
+        (config.json alone) leaves a directory that a new run may take."""
         try:
-            self._create()
+            self._create(also_ours)
         except OSError as e:  # a name too long, a component that is a file, no permission
             raise OutputError(f"cannot use --out {self.path}: {e.strerror or e}") from None
 
-    def _create(self) -> None:
+    def _create(self, also_ours: tuple[str, ...]) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"--out {self.path} exists and is not a directory")
-        existing = [n for n in RESULT_FILES if (self.path / n).exists()]
-        if existing:
-            raise OutputError(f"--out {self.path} already holds a run ({existing[0]}); choose another directory")
+        if self.path.is_dir():
+            self._refuse_taken(also_ours)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
@@ -104,6 +125,26 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise OutputError(f"cannot write to --out {self.path}: {e.strerror or e}") from None
+
+    def _refuse_taken(self, also_ours: tuple[str, ...]) -> None:
+        names = sorted(os.listdir(self.path))
+        held = [n for n in RESULT_FILES[1:] if n in names]
+        # Its checkpoint, or (several boxes) one of its boxes'.
+        checkpoints = [*self.path.glob("checkpoint/state*.pt"),
+                       *self.path.glob("box-*/checkpoint/state*.pt")]
+        if checkpoints:
+            held.append(str(checkpoints[0].relative_to(self.path).parent))
+        if held:
+            raise OutputError(f"--out {self.path} already holds a run ({held[0]}); choose another directory")
+        ours = {*RESULT_FILES, *RUN_ENTRIES, *also_ours}
+        foreign = [n for n in names if n not in ours and not _is_box_or_temp(n)]
+        if "config.json" in names and not _is_our_config(self.path / "config.json"):
+            foreign.insert(0, "config.json")
+        if foreign:
+            target = f" (a link to {self.path.resolve()})" if self.path.is_symlink() else ""
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise OutputError(f"--out {self.path}{target} is not empty and holds no run (it has "
+                              f"{foreign[0]}{more}); choose a new or empty directory")
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write(self.path / name, lambda f: json.dump(obj, f, indent=2, sort_keys=True))

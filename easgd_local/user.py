@@ -18,6 +18,10 @@ from typing import Any
 from .config import ConfigError
 
 
+class FactoryExit(ConfigError):
+    """A factory called sys.exit(): its error, in one line (never an exit of the run)."""
+
+
 def is_spec(name: str) -> bool:
     """``module:attr`` (a user's callable); ``torchvision:NAME`` is a model of torchvision."""
     return ":" in name
@@ -44,6 +48,8 @@ def import_spec(spec: str, flag: str) -> Callable[..., Any]:
         raise ConfigError(f"{flag} {spec}: importing {module_name} failed: {_brief(e)}") from None
     except Exception as e:  # the user's module raised while importing
         raise ConfigError(f"{flag} {spec}: importing {module_name} failed: {_brief(e)}") from None
+    except SystemExit as e:  # the module called sys.exit() while importing: its error, not ours
+        raise ConfigError(f"{flag} {spec}: importing {module_name} called {_exit_text(e)}") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -92,6 +98,13 @@ def call_with_known(factory: Callable[..., Any], flag: str, **known: Any) -> Any
         raise
     except Exception as e:
         raise ConfigError(f"{flag}: {getattr(factory, '__name__', factory)} raised {_brief(e)}") from None
+    except SystemExit as e:  # sys.exit() in a factory is an error of the factory, not an exit
+        raise FactoryExit(f"{flag}: {getattr(factory, '__name__', factory)} called "
+                          f"{_exit_text(e)}; a factory returns its object") from None
+
+
+def _exit_text(e: SystemExit) -> str:
+    return f"sys.exit({e.code!r})" if e.code is not None else "sys.exit()"
 
 
 def _brief(e: BaseException, limit: int = 240) -> str:

@@ -9,6 +9,9 @@ Tensors are used as given (as float32 inputs, int64 labels). Those that fit (a q
 device's free memory, shared by the workers on it) are held on each worker's device like the
 built-in sets; others, and Datasets, go through a DataLoader (``--loader-workers``).
 
+NaN or infinite inputs are refused in one line before anything starts (every sample of tensors,
+the first CHECKED_SAMPLES of each Dataset).
+
 The number of classes is the largest label + 1 (from ``classes`` or ``targets`` of a Dataset
 where it has them; otherwise every label is read once, in the main process).
 """
@@ -50,8 +53,9 @@ def _info(spec: str, shape: tuple[int, ...], labels: list[torch.Tensor], train_s
         if y.numel() and (y.dtype.is_floating_point or int(y.min()) < 0):
             raise ConfigError(f"--dataset {spec}: labels must be integers >= 0 (class indices)")
     classes = max(int(y.max()) + 1 for y in labels if y.numel())
+    distinct = int(torch.unique(torch.cat([y.reshape(-1).long() for y in labels])).numel())
     channels, size = (shape[0], shape[-1]) if len(shape) == 3 else (0, 0)
-    return DatasetInfo(spec, classes, channels, size, train_size)
+    return DatasetInfo(spec, classes, channels, size, train_size, distinct)
 
 
 def load(spec: str, data_dir: Any = None, image_size: int | None = None) -> tuple[Any, Any, DatasetInfo]:
@@ -77,8 +81,11 @@ def _check(spec: str, result: Any) -> tuple[Any, Any, DatasetInfo]:
         if x_train.shape[1:] != x_test.shape[1:]:
             raise ConfigError(f"--dataset {spec}: train and test samples differ in shape "
                               f"({tuple(x_train.shape[1:])} and {tuple(x_test.shape[1:])})")
+        x_train, x_test = x_train.float(), x_test.float()  # as trained (1e300 is inf here)
+        for x, split in ((x_train, "train"), (x_test, "test")):
+            _refuse_non_finite(spec, f"X_{split}", _first_non_finite(x))
         info = _info(spec, tuple(x_train.shape[1:]), [y_train, y_test], len(x_train))
-        return (x_train.float(), y_train.long()), (x_test.float(), y_test.long()), info
+        return (x_train, y_train.long()), (x_test, y_test.long()), info
     if isinstance(result, (tuple, list)) and len(result) == 2 and all(_is_dataset(d) for d in result):
         train, test = result
         if len(train) == 0 or len(test) == 0:
@@ -90,8 +97,48 @@ def _check(spec: str, result: Any) -> tuple[Any, Any, DatasetInfo]:
         except Exception as e:
             raise ConfigError(f"--dataset {spec}: reading a sample failed: {type(e).__name__}: "
                               f"{' '.join(str(e).split())}"[:300]) from None
+        for ds, split in ((train, "training"), (test, "test")):
+            _refuse_non_finite(spec, f"the {split} set", _first_non_finite_sample(spec, ds))
         return train, test, _info(spec, shape, labels, len(train))
     raise ConfigError(f"--dataset {spec} returned {type(result).__name__}; {what}")
+
+
+# Samples of a Dataset read in the main process for NaN or infinite inputs (tensors are read
+# whole); NaN further on shows in training as divergences, and a run that keeps diverging fails.
+CHECKED_SAMPLES = 64
+CHECK_ROWS = 4096  # samples per slice of a tensor checked at once (bounds the check's memory)
+
+
+def _first_non_finite(x: torch.Tensor) -> int | None:
+    """The index of the first sample of ``x`` holding NaN or an infinity; None if none does."""
+    if not x.is_floating_point():
+        return None
+    for start in range(0, len(x), CHECK_ROWS):
+        chunk = x[start:start + CHECK_ROWS]
+        finite = torch.isfinite(chunk).reshape(len(chunk), -1).all(1)
+        if not bool(finite.all()):
+            return start + int((~finite).nonzero()[0])
+    return None
+
+
+def _first_non_finite_sample(spec: str, ds: Any) -> int | None:
+    """The first of the first CHECKED_SAMPLES inputs of a Dataset that is not finite."""
+    for i in range(min(len(ds), CHECKED_SAMPLES)):
+        try:
+            x = torch.as_tensor(ds[i][0])
+        except Exception as e:
+            raise ConfigError(f"--dataset {spec}: reading sample {i} failed: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())}"[:300]) from None
+        if _first_non_finite(x.reshape(1, -1).float()) is not None:
+            return i
+    return None
+
+
+def _refuse_non_finite(spec: str, what: str, index: int | None) -> None:
+    if index is not None:
+        raise ConfigError(f"--dataset {spec}: {what} holds NaN or infinite inputs (sample {index} "
+                          "is the first); a model cannot learn from them: fix or drop those "
+                          "samples")
 
 
 def _fits(x: torch.Tensor, device: torch.device) -> bool:

@@ -54,6 +54,10 @@ def run_worker(rank: int, config: TrainConfig, ch: WorkerChannels, conn: Any, pa
     # workers through STOP, so a worker never dies mid-exchange with a stale state.
     for sig in INTERRUPTS:
         signal.signal(sig, signal.SIG_IGN)
+    # Started with them blocked (launcher.interrupts_blocked): one that came during start-up
+    # was pending and is dropped by SIG_IGN above.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
     try:
         worker = Worker(rank, config, ch, conn, parent_pid, image_size, incarnation)
         conn.send(Done(rank, worker.train(resume)))
@@ -123,6 +127,7 @@ class _Fault:
 
 FAULT_KINDS = ("exit", "kill", "kill-in-lock", "stop-in-lock", "nan", "hang", "raise", "drift",
                "slow", "pause")
+FAULT_VALUED = ("drift", "slow", "pause")  # the kinds that take a value (kind:X); others none
 
 
 def parse_fault(item: str) -> tuple[int, int, str]:
@@ -134,7 +139,9 @@ def parse_fault(item: str) -> tuple[int, int, str]:
     name, _, value = kind.partition(":")
     if name not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {name!r} in {item!r}; one of {', '.join(FAULT_KINDS)}")
-    if name in ("drift", "slow", "pause"):
+    if name not in FAULT_VALUED and kind != name:
+        raise ValueError(f"fault {name} takes no value (got {item!r}); write rank:step:{name}")
+    if name in FAULT_VALUED:
         try:
             number = float(value)
         except ValueError:

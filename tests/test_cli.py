@@ -57,6 +57,11 @@ BAD = [
     (["--model", "nope"], "nope"),
     (["--algo", "nope"], "nope"),
     (["--workers", "two"], "--workers"),
+    # faults that could never fire: a value to a kind that takes none, a rank beyond --workers
+    (["--fault", "1:5:kill:extra", "--steps", "1"], "fault kill takes no value"),
+    (["--fault", "1:5:hang:5", "--steps", "1"], "fault hang takes no value"),
+    (["--fault", "1:5:exit:3", "--steps", "1"], "fault exit takes no value"),
+    (["--fault", "9:0:kill", "--workers", "2", "--steps", "1"], "rank 9 is beyond --workers 2"),
 ]
 
 
@@ -95,6 +100,30 @@ def test_out_holding_a_run_is_not_overwritten(capsys, tmp_path):
     assert main(["train", "--out", str(tmp_path)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert json.loads((tmp_path / "summary.json").read_text()) == {"keep": True}
+
+
+def test_out_that_holds_no_run_and_is_not_empty_is_not_ours(capsys, tmp_path):
+    """--out a project's folder, or a symlink to one (to /etc, as root): refused before anything
+    is written into it; an empty directory, or one left by a run that never started (its
+    config.json alone), is taken."""
+    foreign = tmp_path / "etc"
+    foreign.mkdir()
+    (foreign / "passwd").write_text("root:x:0:0\n")
+    link = tmp_path / "link"
+    link.symlink_to(foreign)
+    for out in (foreign, link):
+        assert main(["train", "--out", str(out), "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is not empty and holds no run (it has passwd)" in err, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["passwd"]
+    from easgd_local.output import RunDir
+
+    never_started = tmp_path / "never"
+    never_started.mkdir()
+    (never_started / "config.json").write_text(json.dumps({"algo": "easgd", "model": "cnn",
+                                                           "workers": 2}))
+    (never_started / ".lock").write_text("")
+    RunDir(never_started).create()  # taken
 
 
 def test_console_entry_one_line_no_traceback(tmp_path):

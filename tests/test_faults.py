@@ -299,3 +299,70 @@ def test_checkpoint_that_pickles_a_call_is_refused(tmp_path, where):
     assert proc.stderr.strip().count("\n") == 0 and "no readable checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
+
+
+# --- the start of a run -----------------------------------------------------------------------
+
+def _is_worker(pid):
+    # A spawned worker runs multiprocessing's spawn_main (the resource tracker, started the same
+    # way, runs its own main; before its exec, a child is still a copy of the main process).
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"spawn_main" in f.read()
+    except OSError:
+        return False
+
+
+def _first_worker(proc, timeout=120):
+    """The pid of the first worker process, as soon as it exists (it is still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = [p for p in _children(proc.pid) if _is_worker(p)]
+        if workers:
+            return min(workers)
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no worker started"
+        time.sleep(0.01)
+
+
+def _train_cmd(out, *args):
+    return [sys.executable, "-m", "easgd_local", "train", "--quiet", "--out", str(out),
+            "--eval-every", "100", *args]
+
+
+def test_a_worker_killed_while_it_starts_is_replaced(tmp_path):
+    """kill -9 of a worker during its start-up (importing torch): within --max-restarts it is
+    replaced like any other; past it the run ends in one line, and a run that never started
+    leaves a directory that a new run may take."""
+    before = leftovers_snapshot()
+    out = tmp_path / "run"
+    for max_restarts, code in ((0, 1), (1, 0)):
+        proc = subprocess.Popen(_train_cmd(out, "--steps", "40", "--max-restarts",
+                                           str(max_restarts)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        worker = _first_worker(proc)
+        time.sleep(0.3)
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == code, stderr
+        assert "Traceback" not in stderr
+        if code:
+            assert "died while starting (exit code -9)" in stderr and "the run never started" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["worker_restarts"] == 1 and summary["steps_per_worker"] == [40, 40]
+    assert_no_leftovers(before)
+
+
+def test_ctrl_c_while_the_workers_start_prints_no_traceback(tmp_path):
+    """Ctrl-C reaches the whole process group, the workers too, while they still import torch:
+    they leave the decision to the main process, which ends the run (exit code 130)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out, "--time-limit", "30"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _first_worker(proc)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "interrupted" in stderr

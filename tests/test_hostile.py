@@ -259,3 +259,41 @@ def test_paths_and_saved_configs_that_slipped_through(tmp_path):
     assert "config.json is unreadable" in run("--resume", str(broken))
     (broken / "config.json").write_text(json.dumps({"algo": "easgd", "workers": "two"}))
     assert "--workers must be an integer" in run("--resume", str(broken))
+
+
+# --- 8. a checkpoint beside another run's config.json -------------------------------------------
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path, capsys):
+    """A run's directory with another run's config.json: the checkpoint says what made it
+    (algorithm, model, data set, workers, its shared state's layout) and --resume refuses what
+    does not match in one line, exit code 2; a checkpoint that does not say so (written before
+    they did) is checked by its layout."""
+    import torch
+
+    from easgd_local.cli import main
+
+    out = tmp_path / "run"
+    train(TrainConfig(algo="eamsgd", workers=2, steps=20, eval_every=100.0, out=out, quiet=True))
+    saved = json.loads((out / "config.json").read_text())
+
+    def resume_with(**changed):
+        (out / "config.json").write_text(json.dumps({**saved, **changed}))
+        code = main(["train", "--quiet", "--resume", str(out), "--steps", "30"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and err.startswith("error:"), err
+        return err
+
+    assert "made with --algo eamsgd" in resume_with(algo="easgd")  # the same layout
+    assert "made with --workers 2" in resume_with(workers=4)
+    assert "made with --model cnn" in resume_with(model="cifar-paper")
+    ck = Checkpointer(out)
+    payload = torch.load(ck.current, weights_only=True)
+    del payload["made_by"]
+    torch.save(payload, ck.current)
+    assert "center.last of 2 values where this configuration has 4" in resume_with(workers=4)
+    assert "an entry center.last that this configuration does not have" in resume_with(
+        algo="downpour", momentum=None)
+    assert "does not match" in resume_with(model="cifar-paper")
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["train", "--quiet", "--resume", str(out), "--steps", "30"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps_per_worker"] == [30, 30]

@@ -283,3 +283,67 @@ def test_a_box_killed_mid_run(tmp_path, restarts):
         assert "Traceback" not in ours  # one line from us (torchrun reports the exit after it)
         assert took < 20 + 60  # the timeout, and the box's own shutdown
         assert Checkpointer(out / "box-0").load()["elapsed"] > 0
+
+
+def test_resume_takes_each_boxs_own_configuration_and_checkpoint(tmp_path, monkeypatch, capsys):
+    """Box 0 keeps its configuration in OUT and its checkpoints in OUT/box-0, box k both in
+    OUT/box-k; --resume OUT without torchrun, or --resume OUT/box-k, says what to do."""
+    from easgd_local.cli import _resume_dirs
+
+    out = tmp_path / "job"
+    for k in (0, 1):
+        (out / f"box-{k}").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "box-1" / "config.json").write_text("{}")
+    for key, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RANK", "0")
+    assert _resume_dirs(out) == (out, out / "box-0")
+    monkeypatch.setenv("RANK", "1")
+    assert _resume_dirs(out) == (out / "box-1", out / "box-1")
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key)
+    for where, needle in ((out, "a job of several boxes; resume it with the torchrun command"),
+                          (out / "box-0", "one box of a job of several boxes")):
+        assert main(["train", "--resume", str(where)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and needle in err and f"--resume {out} added" in err, err
+
+
+@pytest.mark.slow
+def test_a_job_of_two_boxes_is_resumed_by_hand(tmp_path):
+    """A box killed without --max-restarts ends the job; the same torchrun command with
+    --resume OUT added, on both boxes, continues it: box 0 from OUT/box-0/checkpoint with the
+    configuration in OUT, box 1 from OUT/box-1, to the end."""
+    out = tmp_path / "job"
+    extra = ["--steps", "600", "--checkpoint-every", "1", "--root-timeout", "20", "--box-tau", "4"]
+    port = _port()
+    boxes = [_box(out, port, extra) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while not all((out / f"box-{k}" / "checkpoint" / "state.pt").exists() for k in (0, 1)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in boxes)
+            time.sleep(0.2)
+        victims = _launchers(boxes[1].pid)
+        assert victims
+        os.kill(victims[0], signal.SIGKILL)
+        for p in boxes:
+            p.communicate(timeout=240)
+    finally:
+        _end(boxes)
+    assert boxes[0].returncode != 0
+    steps = [Checkpointer(out / f"box-{k}").load()["steps"].tolist() for k in (0, 1)]
+    assert all(s[0] < 600 for s in steps), steps
+
+    port = _port()
+    boxes = [_box(out, port, [*extra, "--resume", str(out)], run_id="again") for _ in range(2)]
+    try:
+        results = [p.communicate(timeout=280) for p in boxes]
+    finally:
+        _end(boxes)
+    assert [p.returncode for p in boxes] == [0, 0], results
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_per_worker"] == [600] and summary["boxes"] == 2, summary
+    saved = [Checkpointer(out / f"box-{k}").load() for k in (0, 1)]
+    assert [s["steps"].tolist() for s in saved] == [[600], [600]]
+    assert torch.equal(saved[0]["box"]["root"], saved[1]["box"]["root"])

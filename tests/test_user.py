@@ -19,6 +19,8 @@ from .helpers import assert_no_leftovers, leftovers_snapshot
 ROOT = Path(__file__).resolve().parent.parent
 
 USER_CODE = '''
+import sys
+
 import torch
 from torch import nn
 
@@ -70,6 +72,33 @@ def make_raises():
 
 def make_not_module():
     return 42
+
+
+def make_exits():  # sys.exit(0) in a factory: the run must not end as if it succeeded
+    sys.exit(0)
+
+
+def make_exits_3():
+    sys.exit(3)
+
+
+def data_exits():
+    sys.exit(0)
+
+
+def make_all_frozen():  # nothing to train: every parameter frozen
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def huge_label():  # one label of 10,000,000 among digits: a model of 10,000,001 classes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (80,), generator=g)
+    y[7] = 10_000_000
+    return x[:64], y[:64], x[64:], y[64:]
 
 
 def make_three_classes():
@@ -147,6 +176,10 @@ BAD = [
     (["--model", "usernets:NOT_CALLABLE"], "not callable"),
     (["--model", "usernets:make_raises"], "make_raises raised RuntimeError: out of ideas"),
     (["--model", "usernets:make_not_module"], "returned a int, not a torch.nn.Module"),
+    (["--model", "usernets:make_exits"], "make_exits called sys.exit(0)"),
+    (["--model", "usernets:make_exits_3"], "make_exits_3 called sys.exit(3)"),
+    (["--dataset", "usernets:data_exits", "--model", "usernets:vector_net"], "data_exits called sys.exit(0)"),
+    (["--model", "usernets:make_all_frozen"], "has no trainable parameter"),
     (["--model", "usernets:make_three_classes"], "gives 3 scores, but the labels of mnist10k go up to 9"),
     (["--model", "usernets:make_wrong_shape"], "cannot take the inputs of mnist10k"),
     (["--model", "usernets:make_complex"], "parameter phase is torch.complex64"),
@@ -166,6 +199,27 @@ def test_bad_user_input_gets_one_line_before_any_process(user_module, args, need
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error:") and needle in err, err
     assert not (user_module / "run" / "checkpoint").exists()
+    assert_no_leftovers(before)
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_anything(user_module, capsys,
+                                                                     caplog, monkeypatch):
+    """A label of 10,000,000 makes a model of 10,000,001 classes: its copies (each worker's,
+    the evaluator's, the shared state's) are counted before any is made, and the labels far
+    fewer than the classes are named in a warning."""
+    from easgd_local import config as config_module
+    from easgd_local.cli import main
+
+    monkeypatch.setattr(config_module, "_available_memory", lambda: 16 * 2**30)
+    before = leftovers_snapshot()
+    out = user_module / "run"
+    assert main(["train", "--out", str(out), "--dataset", "usernets:huge_label", "--model",
+                 "usernets:make_net"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:"), err
+    assert "7,850,000,785 values" in err and "16.0 GB available" in err, err
+    assert any("only 11 distinct labels occur" in r.getMessage() for r in caplog.records)
+    assert not out.exists()
     assert_no_leftovers(before)
 
 

@@ -90,6 +90,15 @@ class WorkerContext:
     def shared(self) -> "SharedState":
         return self.channels.shared
 
+    def barrier(self) -> Any:
+        """This worker's side of the synchronous algorithms' barrier (barrier.Party); its waits
+        end when the main process is gone."""
+        import functools
+
+        from ..control import check_parent
+
+        return self.channels.barrier.party(self.rank, functools.partial(check_parent, self.parent_pid))
+
 
 class Communicator:
     """A worker's side of an algorithm. The base does no communication.

@@ -25,15 +25,15 @@ def free_loopback_port() -> int:
 
 class DDPSync(Publisher):
     """DDP: gradients are all-reduced inside backward; every tau steps the ranks meet at a
-    barrier to agree on stopping (an all-reduce that one rank skips would hang the others), and
-    rank 0 publishes the model, which is the same on every rank."""
+    barrier (barrier.py) to agree on stopping (an all-reduce that one rank skips would hang the
+    others), and rank 0 publishes the model, which is the same on every rank."""
 
     def __init__(self, ctx: WorkerContext, port: int):
         config, ch = ctx.config, ctx.channels
         super().__init__(Link(ctx.shared["model"], ctx.device), config.tau, 0.0,
                          active=ctx.rank == 0)
         self.ctx, self.port = ctx, port
-        self.barrier, self.agreed = ch.barrier, ch.agreed
+        self.barrier, self.agreed = ctx.barrier(), ch.agreed
         self.steps = 0
         world = config.workers
         # Ring all-reduce: each rank sends and receives 2 (p-1)/p of the gradient per step.
@@ -67,6 +67,9 @@ class DDPSync(Publisher):
         # (from __future__) would be strings.
         def hook(state, bucket):  # type: ignore[no-untyped-def]
             start = time.perf_counter()
+            # Waiting for the other ranks from here until backward returns (before_step): a rank
+            # stopped elsewhere is the one the watchdog blames.
+            self.barrier.mark(True)
 
             def done(fut):  # type: ignore[no-untyped-def]
                 self.seconds += time.perf_counter() - start
@@ -78,6 +81,7 @@ class DDPSync(Publisher):
 
     def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
         self.steps += 1
+        self.barrier.mark(False)  # backward has returned: every all-reduce is done
         if step % self.tau == 0:
             self.barrier.wait()
             return not self.agreed[AGREED_STOP]

@@ -163,4 +163,4 @@ class SyncEASGD(EASGD):
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
         c, ch = ctx.config, ctx.channels
-        return SyncElastic(self.center_link(ctx), c.tau, c.resolved_alpha, ch.barrier, ch.agreed)
+        return SyncElastic(self.center_link(ctx), c.tau, c.resolved_alpha, ctx.barrier(), ch.agreed)

@@ -1,8 +1,9 @@
 """`python -m easgd_local` and the console script `easgd-local` (both call :func:`main`).
 
-Nothing heavy is imported before the guard below: Ctrl-C can come at any moment, also in the
-second or two that importing torch takes, and it ends the command with one line and exit code
-130, never a traceback.
+Nothing heavy is imported here, nor by the command line itself: PyTorch loads only when a
+command starts a run (cli.load_run_modules), with Ctrl-C held off until it is in, so that
+``--help`` and usage errors answer at once. Ctrl-C can come at any moment; it ends the command
+with one line and exit code 130, never a traceback.
 """
 
 import signal
@@ -10,9 +11,6 @@ import sys
 
 INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (128 + SIGINT)
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a command as Ctrl-C does
-# What the command line needs before it can act on an interrupt itself: PyTorch among them.
-HEAVY = ("easgd_local.cli", "easgd_local.checkpoint", "easgd_local.data", "easgd_local.launcher",
-         "easgd_local.output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     try:
         try:
-            if not _imported():
-                return _interrupted()
-            from easgd_local.cli import main as run
+            from easgd_local.cli import main as run  # pure Python: a Ctrl-C here is caught below
 
             return run(argv)
         finally:
@@ -40,27 +36,6 @@ def _run(argv: list[str] | None) -> int:
                 signal.signal(sig, signal.SIG_IGN)
     except KeyboardInterrupt:  # before cli.main could catch it
         return _interrupted()
-
-
-def _imported() -> bool:
-    """Import the command line's modules with the interrupts only noted; False if one came.
-
-    A KeyboardInterrupt raised while PyTorch loads can come out of its C++ code, which calls
-    back into Python (the process aborts: "terminate called after throwing an instance of
-    pybind11::error_already_set"), or be swallowed there (the command then runs as if nothing
-    had happened): so none is raised until the imports are done."""
-    import importlib
-
-    seen: list[int] = []
-    before = {sig: signal.signal(sig, lambda signum, frame: seen.append(signum))
-              for sig in INTERRUPTS}
-    try:
-        for name in HEAVY:
-            importlib.import_module(name)
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-    return not seen
 
 
 def _interrupted() -> int:

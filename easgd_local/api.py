@@ -8,13 +8,14 @@
 themselves; either way the spawned workers import them by name, so a callable must be defined
 at the top level of a module (not a lambda, not a closure, not in ``__main__``). The factories'
 contract is in the README ("Your own model and data"). The run directory is the same as the
-command line's, and the summary is returned.
+command line's (with its curves.png and metrics.csv), and the summary is returned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
@@ -38,6 +39,7 @@ def train(config: TrainConfig | None = None, *, model: Spec | None = None,
     the run cannot finish.
     """
     from .launcher import expect_config, train as run
+    from .plot import write_run_files
 
     config = dataclasses.replace(expect_config(config)) if config is not None else TrainConfig()
     if model is not None:
@@ -48,4 +50,7 @@ def train(config: TrainConfig | None = None, *, model: Spec | None = None,
         config.loss = spec_of(loss, "loss")
     if metric is not None:
         config.metric = spec_of(metric, "metric")
-    return run(config, reporter)
+    summary = run(config, reporter)
+    if config.out is not None:  # set by the run where it was not given
+        write_run_files(Path(config.out))
+    return summary

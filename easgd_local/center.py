@@ -36,20 +36,22 @@ class SharedCenter:
     """The center tensor plus the lock that makes its update atomic. Picklable for spawn.
 
     Its entries, in a SharedState (its own, or the algorithm's, under ``name``): the center
-    ``name``; for MDOWNPOUR ``name.velocity`` (Nesterov momentum on the master, over the
-    parameters only); for ADOWNPOUR / MVADOWNPOUR ``name.average`` (a running average of the
-    center); and ``name.clock`` (updates so far), all written together under the center's lock.
+    ``name`` (in ``stripes`` stripes, each with its own lock, for the elastic exchange's
+    additions: see shared.SharedTensor); for MDOWNPOUR ``name.velocity`` (Nesterov momentum on
+    the master, over the parameters only); for ADOWNPOUR / MVADOWNPOUR ``name.average`` (a
+    running average of the center); and ``name.clock`` (updates so far), all written together
+    under the center's lock.
     ``n_params``: the first entries of the center are parameters, the rest float buffers
     (batch-norm statistics), which a push replaces instead of adding to.
     """
 
     def __init__(self, init: Tensor | None = None, lock: bool = True, *, momentum: float = 0.0,
                  average: bool = False, n_params: int | None = None,
-                 state: SharedState | None = None, name: str = "center"):
+                 state: SharedState | None = None, name: str = "center", stripes: int = 1):
         self.state = state if state is not None else SharedState(locked=lock)
         self.name, self.momentum = name, momentum
         if init is not None:  # allocate; otherwise a view of entries that exist
-            entry = self.state.add(name, init)
+            entry = self.state.add(name, init, stripes=stripes)
             n = entry.numel if n_params is None else n_params
             if momentum:
                 self.state.add(f"{name}.velocity", torch.zeros(n), lock=name)

@@ -3,29 +3,29 @@
 The flags of `train` and `bench` are generated from the declarations (settings.py: the fields
 of TrainConfig and BenchOptions, and each algorithm's Options), so that a setting is declared
 once: its spelling, help, default and range here, in the checks and in the README come from
-there. :func:`build_app` builds the commands from the declarations and the registry as they
-are when it runs.
+there (flags.py makes the parameters). :func:`build_app` builds the commands from the
+declarations and the registry as they are when it runs. PyTorch loads only when a command
+starts a run (:func:`load_run_modules`): --help and usage errors answer at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import inspect
+import importlib
 import logging
-import re
 import signal
 import sys
-from collections.abc import Callable
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
+from . import __version__, settings
 from . import bench as _bench
-from . import settings
-from .algorithms import ALGORITHMS, all_options
+from .algorithms import all_options
 from .config import ConfigError, TrainConfig
+from .flags import Command, Group, command, help_facts, one_paragraph_help
+from .resume import RESUMABLE_FIELDS, STOP_FIELDS, resumed  # noqa: F401 (read here by tests)
 from .settings import Setting
 
 # typer re-exports BadParameter but not its base, the usage error that every flag-parsing
@@ -33,7 +33,6 @@ from .settings import Setting
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 APP_HELP = "Elastic Averaging SGD on one machine: several GPUs or CPU processes."
-ALGO_OPTIONS_PANEL = "Algorithm options"
 # The --help panel of each concern (settings.CONCERNS) per command, the panels in the order
 # they first appear here; a field name maps one setting to another panel.
 TRAIN_PANELS = {"algorithm": "Algorithm", "stop": "Algorithm", "data": "Data",
@@ -52,7 +51,7 @@ RESUME = Setting(
     "--resume", kind=Path, concern="checkpoint",
     help="Continue the run in this directory from its checkpoint, with its saved configuration; "
          "the options that may change on a resume (stop, evaluation, checkpoints, restarts, "
-         "threads, data directory) replace the saved ones.", note="See \"Faults\".")
+         "threads, precision, data directory) replace the saved ones.", note="See docs/faults.md.")
 DECLARED = settings.declarations(TrainConfig)
 TRAIN_SETTINGS = {**settings.flags(DECLARED), "resume": RESUME}
 
@@ -66,93 +65,6 @@ def _moved_before(named: dict[str, Setting], name: str, anchor: str) -> dict[str
 BENCH_SETTINGS = _moved_before({**settings.flags(settings.declarations(_bench.BenchOptions)),
                                 **_bench.CLI_SETTINGS}, "lr", "lrs")  # --lr beside --lrs
 
-STOP_FIELDS = tuple(name for name, s in DECLARED.items() if s.concern == "stop")
-# What a resumed run may change (declared resumable): when it stops, how it is evaluated and
-# checkpointed, where its data is, its restart budget (a fresh one), its threads. Everything
-# else defines the run.
-RESUMABLE_FIELDS = tuple(name for name, s in DECLARED.items() if s.resumable)
-
-
-def help_facts(readme: bool = False) -> dict[str, str]:
-    """What help sentences say about the registry ({algorithms}, {lr_defaults},
-    {momentum_algos} in a declaration's help), as the registry is now."""
-    algorithms = ("one of the table of algorithms below" if readme else
-                  "; ".join(f"{a.name}: {a.summary}" for a in ALGORITHMS.values()))
-    lr_defaults = ", ".join(
-        f"{a.name} {a.default_step:g}" + (" * (1 - momentum)" if a.uses_momentum else "")
-        for a in ALGORITHMS.values())
-    momentum_algos = ", ".join(a.name for a in ALGORITHMS.values() if a.uses_momentum)
-    return {"algorithms": algorithms, "lr_defaults": lr_defaults, "momentum_algos": momentum_algos}
-
-
-def _cli_type(name: str, declared: Setting) -> tuple[Any, Any]:
-    """(annotation type, default) of a setting's parameter: a list is one comma-separated
-    string, choices an Enum (--algo's are the registry's)."""
-    default = declared.default
-    if declared.kind is bool:
-        return bool, default
-    if declared.kind is list:
-        text = None if default is None else ",".join(str(v) for v in default)
-        return (str if text is not None else Optional[str]), text
-    choices = tuple(ALGORITHMS) if name == "algo" else declared.choices
-    kind: Any = declared.kind
-    if choices:
-        kind = enum.Enum(name, {c: c for c in choices}, type=str)
-        default = None if default is None else kind(default)
-    return (kind if default is not None else Optional[kind]), default
-
-
-def _parameter(name: str, declared: Setting, panel: str, help_text: str) -> inspect.Parameter:
-    from rich.markup import escape  # help is read as rich markup: "[min, max]" would vanish
-
-    kind, default = _cli_type(name, declared)
-    # A default resolved later (None here) is shown in the declaration's words.
-    info = typer.Option(declared.flag, *declared.aliases, help=escape(help_text),
-                        rich_help_panel=panel, show_default=declared.default_text or True)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[kind, info])
-
-
-def parameters(named: dict[str, Setting], panels: dict[str, str],
-               facts: dict[str, str]) -> list[inspect.Parameter]:
-    """One parameter per declared setting, then one per algorithm option of the registry
-    (algorithms/base.py: Option, each declared in its algorithm's module)."""
-    order = list(dict.fromkeys(panels.values()))
-    panel = {name: panels.get(name) or panels[s.concern] for name, s in named.items()}
-    params = [_parameter(name, s, panel[name], settings.help_text(s, facts))
-              for name, s in sorted(named.items(), key=lambda item: order.index(panel[item[0]]))]
-    for name, (option, users) in all_options().items():
-        if name in named:
-            raise TypeError(f"algorithm option {name} has the name of a setting")
-        declared = option.setting
-        # An option not given is None: its default is resolved with the run (resolve_options)
-        # and shown in words.
-        shown = (settings.default_text(declared)
-                 if declared.default is not None or declared.default_text else "")
-        declared = dataclasses.replace(declared, default=None, default_text=shown)
-        text = f"{settings.help_text(declared)} [{', '.join(users)}]"
-        params.append(_parameter(name, declared, ALGO_OPTIONS_PANEL, text))
-    return params
-
-
-def command(run: Callable[[dict[str, Any], dict[str, Any]], Any], named: dict[str, Setting],
-            panels: dict[str, str], facts: dict[str, str]) -> Callable[..., Any]:
-    """A Typer command with one flag per setting in ``named`` and per algorithm option:
-    ``run(values, algorithm_options)`` receives the settings' values by name (an Enum as its
-    value) and the options' (None where not given)."""
-    params = parameters(named, panels, facts)
-    option_names = [p.name for p in params if p.name not in named]
-
-    def wrapper(**kwargs: Any) -> Any:
-        values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in kwargs.items()}
-        options = {name: values.pop(name) for name in option_names}
-        return run(values, options)
-
-    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
-    wrapper.__name__, wrapper.__doc__ = run.__name__, run.__doc__
-    return wrapper
-
 
 def _as_list(text: str | None) -> list[str] | None:
     items = [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -161,21 +73,65 @@ def _as_list(text: str | None) -> list[str] | None:
 
 def train(values: dict[str, Any], algorithm_options: dict[str, Any]) -> None:
     """Train a model with EASGD (or a reference) and evaluate the center against wall-clock time."""
-    from .launcher import train as run_training
-
     resume = values.pop("resume")
     for name in values:
         if TRAIN_SETTINGS[name].kind is list:
             values[name] = _as_list(values[name])
     config = TrainConfig(**values, options={k: v for k, v in algorithm_options.items()
                                             if v is not None})
+    check_values(config)
+    load_run_modules()
+    from .launcher import train as run_training
+    from .plot import write_run_files
+
     checkpoint = None
     if resume is not None:
-        config, checkpoint = _resumed(resume, config, _given_on_command_line())
+        config, checkpoint = resumed(resume, config, _given_on_command_line())
     reporter = None if config.quiet else ProgressReporter()
     summary = run_training(config, reporter, checkpoint)
+    if config.out is not None:  # set by the run where it was not given
+        write_run_files(Path(config.out))
     if not config.quiet:
         print_summary(summary, config.out)
+
+
+def check_values(config: TrainConfig) -> None:
+    """Each value given against its declaration (kind, choices, range), the algorithm options'
+    too: a usage error is told before PyTorch loads. The run's validate() checks everything."""
+    config.check_declared()
+    options = all_options()
+    for name, value in config.options.items():
+        message = settings.problem(options[name][0].setting, value)
+        if message:
+            raise ConfigError(message)
+
+
+# What a run needs, PyTorch among them: imported when a command starts one (load_run_modules).
+RUN_MODULES = ("easgd_local.checkpoint", "easgd_local.data", "easgd_local.launcher",
+               "easgd_local.output")
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def load_run_modules(names: tuple[str, ...] = RUN_MODULES) -> None:
+    """Import ``names`` with Ctrl-C, SIGTERM and SIGHUP only noted; KeyboardInterrupt once they
+    are in if one came. A KeyboardInterrupt raised while PyTorch loads can come out of its C++
+    code, which calls back into Python (the process aborts: "terminate called after throwing an
+    instance of pybind11::error_already_set"), or be swallowed there."""
+    if threading.current_thread() is not threading.main_thread():  # no signals arrive there
+        for name in names:
+            importlib.import_module(name)
+        return
+    seen: list[int] = []
+    before = {sig: signal.signal(sig, lambda signum, frame: seen.append(signum))
+              for sig in INTERRUPTS}
+    try:
+        for name in names:
+            importlib.import_module(name)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if seen:
+        raise KeyboardInterrupt
 
 
 def bench(values: dict[str, Any], algorithm_options: dict[str, Any]) -> None:
@@ -188,6 +144,7 @@ def bench(values: dict[str, Any], algorithm_options: dict[str, Any]) -> None:
         lrs=_bench.parse_lrs(lrs) if lrs is not None else (None if lr is None else [lr]),
         devices=_as_list(values.pop("devices")),
         options={k: v for k, v in algorithm_options.items() if v is not None}, **values)
+    load_run_modules()
     # '[i/n] label: ' as a run starts, the result on the same line when it ends.
     result = _bench.run_bench(
         options,
@@ -205,19 +162,90 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _root() -> None:
+def _print_version(given: bool) -> None:
+    if given:
+        typer.echo(f"easgd-local {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.",
+                                          callback=_print_version, is_eager=True)] = False,
+) -> None:
     """Elastic Averaging SGD on one machine: several GPUs or CPU processes."""
 
 
 def build_app() -> typer.Typer:
     """The command line, from the declarations and the registry as they are now."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, help=APP_HELP)
+    app = typer.Typer(cls=Group, add_completion=True, no_args_is_help=True, help=APP_HELP,
+                      rich_markup_mode="rich")
     app.callback()(_root)
     facts = help_facts()
-    app.command("train")(command(train, TRAIN_SETTINGS, TRAIN_PANELS, facts))
-    app.command("bench")(command(bench, BENCH_SETTINGS, BENCH_PANELS, facts))
-    app.command("stability")(stability)
+    commands = {"train": command(train, TRAIN_SETTINGS, TRAIN_PANELS, facts),
+                "bench": command(bench, BENCH_SETTINGS, BENCH_PANELS, facts),
+                "evaluate": evaluate, "plot": plot, "stability": stability, "scale": scale}
+    for name, fn in commands.items():
+        app.command(name, cls=Command, help=one_paragraph_help(fn.__doc__))(fn)
     return app
+
+
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run's directory (--out of train).",
+                                        show_default=False)],
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Evaluate on this data set instead of the run's (one the model can take).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        help="Where the data set is, instead of the run's --data-dir.")] = None,
+) -> None:
+    """Test loss and accuracy of a finished run's model (its center.pt) on the run's test data,
+    as its summary.json reports them for the final model."""
+    load_run_modules(("easgd_local.finished",))
+    from .finished import evaluate_run
+
+    result = evaluate_run(run, dataset=dataset, data_dir=data_dir)
+    typer.echo(f"test loss {result.loss:.4f}  test accuracy {result.accuracy:.4f}  "
+               f"({result.samples:,} samples)")
+
+
+def plot(
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run directories, or bench directories (each of their runs).", show_default=False)],
+    out: Annotated[Path, typer.Option(help="The figure to write.")] = Path("curves.png"),
+) -> None:
+    """Overlay the test curves of finished runs (test accuracy and loss against seconds and
+    against samples) in one figure."""
+    from .plot import overlay
+
+    typer.echo(f"written to {overlay(runs, out)}", err=True)
+
+
+def scale(
+    out: Annotated[Path, typer.Option(help="Directory for scale.json, scale.md and scale.png.")] = Path("runs/scale"),
+    workers: Annotated[str, typer.Option("--p", help="Comma-separated numbers of emulated workers p.")] = "1,2,4,8,16",
+    sizes: Annotated[str, typer.Option(help="Center sizes: resnet18, resnet50, vit-b or parameter counts.")] = "resnet18,resnet50,vit-b",
+    taus: Annotated[str, typer.Option(help="Comma-separated communication periods tau.")] = "1,10",
+    steps_ms: Annotated[str, typer.Option(help="Emulated local step times in milliseconds (a sleep).")] = "30,100",
+    stripes: Annotated[Optional[str], typer.Option(help="Center stripes to compare; default 1 and --center-stripes' default.")] = None,
+    device: Annotated[str, typer.Option(help="Where the workers' states live: cpu, or cuda[:N] for the real GPU link.")] = "cpu",
+    host: Annotated[str, typer.Option(help="Without CUDA, the host's work per exchange: gpu (a GPU worker's: copies, check, locked addition) or cpu (a CPU worker's whole exchange).")] = "gpu",
+    seconds: Annotated[float, typer.Option(help="The longest one point runs (shorter where cycles are short).")] = 6.0,
+    quick: Annotated[bool, typer.Option(help="A small grid, for a smoke test.")] = False,
+) -> int:
+    """The shared center's lock with many workers: emulated devices (a sleep per local step,
+    real exchanges) on a grid of p, model size, tau and step time, beside a queueing model."""
+    from .scale import DEFAULT_STRIPES, ScaleError, options_from_text, run_scale
+    from .scale_report import markdown_table
+
+    options = options_from_text(out, workers, sizes, taus, steps_ms,
+                                stripes or f"1,{DEFAULT_STRIPES}", device, seconds, quick, host)
+    try:
+        result = run_scale(options, on_point=lambda line: typer.echo(line, err=True))
+    except ScaleError as e:
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
+        return 1
+    typer.echo(markdown_table(result), nl=False)
+    typer.echo(f"written to {out}", err=True)
+    return 0
 
 
 def stability(
@@ -246,87 +274,6 @@ def stability(
                    f"radius is {ex['admm_spectral_radius']:.6f} (EASGD, alpha = "
                    f"{ex['easgd_alpha']:g}: {ex['easgd_spectral_radius']:.6f})")
     typer.echo(f"written to {out}", err=True)
-
-
-def _resumed(run_dir: Path, given: TrainConfig, on_command_line: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
-    """The saved configuration of ``run_dir`` with the options given on the command line that
-    may change on a resume (RESUMABLE_FIELDS), and its newest readable checkpoint. An option
-    that cannot change and differs from the saved one is refused in one line."""
-    import json
-
-    from .checkpoint import Checkpointer, check_made_by
-
-    config_dir, checkpoint_dir = _resume_dirs(run_dir)
-    try:
-        text = (config_dir / "config.json").read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"--resume {run_dir}: no config.json in {config_dir}; is it a run "
-                          "directory?") from None
-    except OSError as e:
-        raise ConfigError(f"--resume {run_dir}: cannot read {config_dir / 'config.json'} "
-                          f"({e.strerror or e}); is it a run directory?") from None
-    try:
-        saved = TrainConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"--resume {run_dir}: {config_dir / 'config.json'} is unreadable "
-                          f"({_one_line(str(e))})") from None
-    if "out" in on_command_line and given.out is not None and Path(given.out).resolve() != run_dir.resolve():
-        raise ConfigError(f"--out cannot change on a resume (the run is in {run_dir})")
-    resolved = None
-    for name in sorted(on_command_line - {"out", "resume"}):
-        if name in RESUMABLE_FIELDS:
-            continue
-        if name in given.options:
-            if resolved is None:  # the algorithm's defaults, as the saved run used them
-                import dataclasses
-
-                resolved = dataclasses.replace(saved, options=dict(saved.options)).validate()
-            before = resolved.resolved_options.get(name, saved.options.get(name))
-            after = given.options.get(name)
-        elif hasattr(given, name):
-            before, after = getattr(saved, name), getattr(given, name)
-        else:
-            continue
-        if before != after:
-            flag = (TRAIN_SETTINGS[name].label if name in TRAIN_SETTINGS
-                    else all_options()[name][0].flag)
-            raise ConfigError(f"{flag} cannot change on a resume (the run has {before}, given "
-                              f"{after}); start a new run instead")
-    if any(f in on_command_line for f in STOP_FIELDS):
-        for f in STOP_FIELDS:
-            setattr(saved, f, getattr(given, f))
-    for f in RESUMABLE_FIELDS:
-        if f in on_command_line and f not in STOP_FIELDS:
-            setattr(saved, f, getattr(given, f))
-    saved.out, saved.quiet = run_dir, given.quiet
-    import dataclasses
-
-    checked = dataclasses.replace(saved, options=dict(saved.options)).validate()  # a mistyped config.json
-    checkpoint = Checkpointer(checkpoint_dir).load()
-    check_made_by(checkpoint, checked, run_dir)  # a config.json copied from another run
-    return saved, checkpoint
-
-
-def _resume_dirs(run_dir: Path) -> tuple[Path, Path]:
-    """Where the run in ``run_dir`` keeps its config.json and its checkpoint: both in it, but in
-    a job of several boxes (resumed with the torchrun command that started it, on every box),
-    where box 0 keeps its configuration in OUT and its checkpoints in OUT/box-0, and box k both
-    in OUT/box-k (torchrun's RANK says which box this is; multinode.py)."""
-    from .multinode import box_dir, torchrun_env
-
-    env = torchrun_env()
-    rank = None if env is None else env[0]
-    if box_dir(run_dir, 0).is_dir() or (rank is not None and box_dir(run_dir, rank).is_dir()):
-        if rank is None:
-            raise ConfigError(f"--resume {run_dir}: a job of several boxes; resume it with the "
-                              f"torchrun command that started it, on every box, with --resume "
-                              f"{run_dir} added")
-        return (run_dir if rank == 0 else box_dir(run_dir, rank)), box_dir(run_dir, rank)
-    if re.fullmatch(r"box-\d+", run_dir.name) and (run_dir.parent / "config.json").exists():
-        raise ConfigError(f"--resume {run_dir}: one box of a job of several boxes; resume the "
-                          f"job with the torchrun command that started it, on every box, with "
-                          f"--resume {run_dir.parent} added")
-    return run_dir, run_dir
 
 
 class ProgressReporter:
@@ -376,13 +323,23 @@ def print_summary(summary: dict[str, Any], out: Path | None) -> None:
         typer.echo(f"{k:<{width}}  {v}")
 
 
+# The errors that end a command in one line, with their exit codes: 2 for bad input, 1 for a run
+# that failed. Looked up among the modules loaded: one not loaded (for --help, none that imports
+# PyTorch) cannot have raised its error.
+ERRORS = (("easgd_local.config", "ConfigError", 2), ("easgd_local.data", "DataError", 2),
+          ("easgd_local.output", "OutputError", 2), ("easgd_local.checkpoint", "CheckpointError", 2),
+          ("easgd_local.launcher", "TrainError", 1))
+
+
+def _exit_code(error: Exception) -> int | None:
+    for module, name, code in ERRORS:
+        if module in sys.modules and isinstance(error, getattr(sys.modules[module], name)):
+            return code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: every usage or input error is one line on stderr and exit code 2."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .launcher import TrainError
-    from .output import OutputError
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # SIGTERM and SIGHUP end a run the way Ctrl-C does: workers stopped and joined, a final
     # checkpoint, nothing left behind.
@@ -392,20 +349,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = click_command.main(args=argv, prog_name="easgd-local", standalone_mode=False)
     except UsageError as e:
-        if type(e).__name__ == "NoArgsIsHelpError" and getattr(e, "ctx", None) is not None:
-            typer.echo(e.ctx.get_help())
-            return 0
+        if type(e).__name__ == "NoArgsIsHelpError":
+            # Rich help is printed as the error is made, plain help is its message; either way
+            # exit code 2, as Typer's own no_args_is_help.
+            if e.format_message().strip():
+                typer.echo(e.format_message())
+            return 2
         typer.echo(f"error: {_one_line(e.format_message())}", err=True)
         return 2
-    except (ConfigError, DataError, OutputError, CheckpointError) as e:
-        typer.echo(f"error: {_one_line(str(e))}", err=True)
-        return 2
-    except TrainError as e:
-        typer.echo(f"error: {_one_line(str(e))}", err=True)
-        return 1
     except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         return 130
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
+        return code
     if result == 130:  # typer turns a KeyboardInterrupt in a command into exit code 130, silently
         typer.echo("interrupted", err=True)
     return result if isinstance(result, int) else 0

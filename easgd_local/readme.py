@@ -1,11 +1,13 @@
-"""The README's option tables, generated from the declarations (settings.py, and each
-algorithm's Options) by :func:`tables`. In README.md each table sits between marker comments,
-``<!-- options:NAME -->`` and ``<!-- /options:NAME -->``; scripts/readme_tables.py rewrites
-them, and a test fails while the README's differ from what :func:`tables` generates."""
+"""The documentation's option tables, generated from the declarations (settings.py, and each
+algorithm's Options) by :func:`tables`. In the documents (README.md and docs/*.md) each table
+sits between marker comments, ``<!-- options:NAME -->`` and ``<!-- /options:NAME -->``, once
+in all of them; scripts/readme_tables.py rewrites them, and a test fails while a document's
+differ from what :func:`tables` generates."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from . import settings
 from .algorithms import all_options
@@ -54,12 +56,21 @@ def blocks(text: str) -> dict[str, str]:
     return found
 
 
-def rewritten(text: str) -> str:
-    """The README's text with every marked table as generated; a missing marker is an error."""
-    for name, table in tables().items():
-        pattern = _block(name)
-        if not pattern.search(text):
-            raise ValueError(f"README.md has no <!-- options:{name} --> block")
+def documents(root: Path) -> list[Path]:
+    """The documents that may hold option tables: README.md and docs/*.md of a checkout."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def rewritten(text: str, generated: dict[str, str] | None = None) -> str:
+    """A document's text with every marked table it holds as generated."""
+    for name, table in (tables() if generated is None else generated).items():
         # Blank lines around the table, so that no renderer takes a marker for one of its rows.
-        text = pattern.sub(lambda m: m.group(1) + "\n" + table + "\n" + m.group(3), text, count=1)
+        text = _block(name).sub(lambda m: m.group(1) + "\n" + table + "\n" + m.group(3), text,
+                                count=1)
     return text
+
+
+def placed(texts: dict[str, str]) -> dict[str, list[str]]:
+    """Which documents (by name) hold each table's markers: every table belongs in exactly one."""
+    return {name: [doc for doc, text in texts.items() if _block(name).search(text)]
+            for name in tables()}

@@ -10,6 +10,10 @@ soon as it is mapped, so it cannot outlive the processes that hold it).
 Entries written together (the DOWNPOUR center, its master velocity and its running average)
 share one lock; every other entry that is written has its own. A lock is a POSIX record lock
 (:class:`ProcessLock`), which the kernel releases when its holder dies, however it dies.
+
+An entry may be in stripes (``stripes`` > 1): an addition then locks one stripe at a time,
+hand over hand, so that two workers add to different stripes at once; readers and whole writes
+still lock the whole entry, and never see part of an addition.
 """
 
 from __future__ import annotations
@@ -70,11 +74,19 @@ class ProcessLock:
         self.fd = fd
 
     def __enter__(self) -> "ProcessLock":
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)  # the whole file: every stripe
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)  # also every stripe this process still holds
+
+    # Stripe i is byte i of the (empty) file: a record lock may cover bytes past its end. The
+    # whole-file lock above overlaps every stripe, so it waits for all of them and holds them.
+    def lock_stripe(self, i: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, i)
+
+    def unlock_stripe(self, i: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, i)
 
     def acquire(self, timeout: float) -> bool:
         """Try for up to ``timeout`` seconds; True when held (release with ``__exit__``)."""
@@ -115,9 +127,11 @@ class SharedTensor:
     """One flat tensor in shared memory and the lock that guards writes to it (None: unguarded,
     Hogwild-style). Picklable for spawn."""
 
-    def __init__(self, init: Tensor, lock: ProcessLock | None, dtype: torch.dtype = torch.float32):
+    def __init__(self, init: Tensor, lock: ProcessLock | None, dtype: torch.dtype = torch.float32,
+                 stripes: int = 1):
         self.data = init.detach().to("cpu", dtype).clone().share_memory_()
         self.lock = lock
+        self.stripes = max(1, min(int(stripes), self.data.numel() or 1))
         # Fault injection (tests): die (True, or 9) or freeze (19, SIGSTOP) halfway through an
         # addition, with the lock held.
         self.crash_in_lock: bool | int = False
@@ -136,11 +150,35 @@ class SharedTensor:
     def add_(self, d: Tensor, under_lock: Callable[[], Any] | None = None) -> Any:
         """data += d, atomically with respect to other guarded writers; ``under_lock`` runs in
         the same critical section (its result is returned)."""
+        if self.stripes > 1 and self.lock is not None:
+            return self._add_striped(d, under_lock)
         with self.guard():
             if self.crash_in_lock:
                 crash_halfway(self.data, d, crash_signal(self.crash_in_lock))
             self.data.add_(d)
             return under_lock() if under_lock is not None else None
+
+    def _add_striped(self, d: Tensor, under_lock: Callable[[], Any] | None) -> Any:
+        """data += d stripe by stripe, hand over hand: stripe i+1 is taken before stripe i is
+        let go, so the addition holds some stripe from start to end and a whole-entry lock
+        (a reader, a snapshot) falls before or after it, never inside. Stripes are taken in
+        increasing order by everyone, so no two additions wait on each other in a cycle.
+        ``under_lock`` runs with the last stripe held: after the whole addition, and one at a
+        time across workers."""
+        lock, bounds = self.lock, stripe_bounds(self.numel, self.stripes)
+        crash_at = len(bounds) // 2 if self.crash_in_lock else -1
+        lock.lock_stripe(0)
+        try:
+            for i, (a, b) in enumerate(bounds):
+                if i:
+                    lock.lock_stripe(i)
+                    lock.unlock_stripe(i - 1)
+                if i == crash_at:  # die (or freeze) halfway through, holding stripe i
+                    crash_halfway(self.data[a:b], d[a:b], crash_signal(self.crash_in_lock))
+                self.data[a:b].add_(d[a:b])
+            return under_lock() if under_lock is not None else None
+        finally:
+            lock.__exit__()  # every stripe this process holds
 
     def copy_(self, src: Tensor) -> None:
         """data = src, whole: a reader under the lock never sees half of it."""
@@ -151,6 +189,11 @@ class SharedTensor:
         """A consistent copy (taken under the lock, so no half-applied write)."""
         with self.guard():
             return self.data.clone()
+
+
+def stripe_bounds(numel: int, stripes: int) -> list[tuple[int, int]]:
+    """[start, end) of each of ``stripes`` nearly equal, contiguous stripes of ``numel``."""
+    return [(numel * i // stripes, numel * (i + 1) // stripes) for i in range(stripes)]
 
 
 def crash_halfway(data: Tensor, d: Tensor, signum: int = 9) -> None:
@@ -175,14 +218,15 @@ class SharedState:
         self.entries: dict[str, SharedTensor] = {}
 
     def add(self, name: str, init: Tensor, *, lock: bool | str = True,
-            dtype: torch.dtype = torch.float32) -> SharedTensor:
+            dtype: torch.dtype = torch.float32, stripes: int = 1) -> SharedTensor:
+        """``stripes`` > 1: additions to the entry go stripe by stripe (see SharedTensor)."""
         if name in self.entries:
             raise ValueError(f"shared entry {name!r} declared twice")
         if isinstance(lock, str):
             guard = self.entries[lock].lock
         else:
             guard = ProcessLock() if lock and self.locked else None
-        entry = SharedTensor(init, guard, dtype)
+        entry = SharedTensor(init, guard, dtype, stripes)
         self.entries[name] = entry
         return entry
 

@@ -29,6 +29,8 @@ from .config import TrainConfig, cpu_threads_per_worker
 from .control import (BYTES, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, Done, Event, Failed,
                       ParentGone, Ready, State, WorkerChannels, check_parent, steps_budget)
 from .flat import detached, flatten_
+from .precision import Precision
+from .schedule import run_schedule
 from .shared import SharedState
 
 log = logging.getLogger(__name__)
@@ -198,6 +200,8 @@ class Worker:
         self.comm = self.algorithm.communicator(WorkerContext(
             rank, config, ch, self.device, self.state.n_params, parent_pid))
         self.forward = self.comm.wrap(self.state.module)
+        self.precision = Precision(config.precision, self.device, self.state.module.parameters())
+        self.lr_at = run_schedule(config, steps_budget(config, len(self.data)))  # step -> lr
         self.gen = torch.Generator().manual_seed(config.seed + global_rank + 1000 * incarnation)  # data order
         self.step = int(ch.steps[rank])  # a restarted worker continues its rank's count
         self.fault = _Fault(rank, incarnation, config.faults)
@@ -279,19 +283,20 @@ class Worker:
         """Gradient, communication, local step. False: the workers agreed to stop."""
         self.fault(self.step, self.y, self.ch.shared)
         self.state.grad.zero_()
-        loss = self.loss_fn(self.forward(x), target)
-        loss.backward()
+        with self.precision.autocast():  # the forward and the loss; backward follows its casts
+            loss = self.loss_fn(self.forward(x), target)
+        finite = self.precision.backward(loss)
         rules.add_weight_decay_(self.state.grad, self.y, self.config.weight_decay)
         try:
             # Communication comes after the gradient: Algorithms 1 and 2 take the gradient at
             # the point before the elastic move, and both moves are then added.
             if not self.comm.before_step(self.step, self.y, self.v):
                 return False
-            if self.fault.drift is None:
-                rules.local_step_(self.y, self.state.grad, self.config.lr, v=self.v,
-                                  momentum=self.momentum)
-            else:
+            if self.fault.drift is not None:
                 self.y[: self.state.n_params].add_(self.fault.drift)
+            elif finite:  # fp16: a step whose scaled gradients overflowed is skipped
+                rules.local_step_(self.y, self.state.grad, self.lr_at(self.step), v=self.v,
+                                  momentum=self.momentum)
             self.comm.after_step(self.step, self.y, self.v, loss.detach())
         except Diverged as e:
             # Nothing reached shared state: start again from it, with fresh momentum.

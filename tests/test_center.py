@@ -145,3 +145,87 @@ def test_failed_page_lock_clears_cuda_error_or_says_why(monkeypatch, cleared):
     assert calls == [1]
     monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(0))
     assert center_module.page_lock(t) is True and calls == [1]  # success: nothing to clear
+
+
+# -- a center in stripes: additions stripe by stripe, each stripe under its own lock ----------
+
+
+def _add_ones_striped(center: SharedCenter, times: int) -> None:
+    assert center.entry.stripes == 4  # the stripe count travels with the center
+    _add_ones(center, times)
+
+
+def test_no_lost_addition_with_stripes():
+    center = SharedCenter(torch.zeros(N), lock=True, stripes=4)
+    procs, times = 3, 300
+    _run(_add_ones_striped, [(center, times)] * procs)
+    assert torch.all(center.data == procs * times)
+
+
+def test_exchanges_conserve_the_sum_with_stripes():
+    c0 = torch.randn(N, generator=torch.Generator().manual_seed(7))
+    center = SharedCenter(c0, lock=True, stripes=5)
+    result = mp.get_context("spawn").Queue()
+    procs, times = 3, 60
+    got = _run(_exchanges, [(center, r, times, result) for r in range(procs)],
+               collect=lambda: [tuple(torch.from_numpy(x) if hasattr(x, "shape") else x
+                                      for x in result.get(timeout=120)) for _ in range(procs)])
+    before = c0.double() + sum(g[1].double() for g in got) + sum(g[3].double() for g in got)
+    after = center.data.double() + sum(g[2].double() for g in got)
+    assert torch.max(torch.abs(after - before)).item() < 1e-2
+
+
+def test_striped_addition_runs_under_lock_once_after_the_whole_addition():
+    center = SharedCenter(torch.zeros(10), stripes=3)
+    seen = center.add_(torch.arange(10.0), under_lock=lambda: center.data.clone())
+    assert torch.equal(seen, torch.arange(10.0))  # every stripe added before under_lock ran
+    assert center.entry.lock.fd >= 0 and not center.state.lock_holders()  # all let go
+
+
+def _hold_stripe_then_whole(center: SharedCenter, conn) -> None:
+    """Hold stripe 1 until told; report that a whole-entry lock in another process waited."""
+    center.lock.lock_stripe(1)
+    conn.send("holding")
+    conn.recv()
+    center.lock.unlock_stripe(1)
+
+
+def test_a_held_stripe_blocks_the_whole_entry_but_not_another_stripe():
+    from easgd_local.shared import stripe_bounds
+
+    assert stripe_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    center = SharedCenter(torch.zeros(12), stripes=3)
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_hold_stripe_then_whole, args=(center, theirs))
+    proc.start()
+    try:
+        assert mine.recv() == "holding"
+        assert not center.lock.acquire(0.05)  # the whole entry waits for stripe 1
+        center.lock.lock_stripe(0)  # another stripe is free
+        center.lock.unlock_stripe(0)
+        mine.send("go")
+        assert center.lock.acquire(30.0)
+        center.lock.__exit__()
+    finally:
+        proc.join(timeout=60)
+    assert proc.exitcode == 0
+
+
+def _crash_in_striped_addition(center: SharedCenter) -> None:
+    center.crash_in_lock = True
+    center.add_(torch.ones(center.numel))
+
+
+def test_kill_halfway_through_a_striped_addition_lets_go_of_its_stripe():
+    center = SharedCenter(torch.zeros(1000), stripes=4)
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_crash_in_striped_addition, args=(center,))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == -9
+    assert center.lock.acquire(5.0)  # the kernel let go of the dead process's stripe
+    center.lock.__exit__()
+    # stripes 0 and 1 whole, half of stripe 2, nothing of stripe 3
+    assert center.data[:500].eq(1).all() and center.data[500:625].eq(1).all()
+    assert center.data[625:].eq(0).all()

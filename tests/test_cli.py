@@ -1,6 +1,7 @@
 """The command line: help, one-line errors with exit code 2, and a shortened default run."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -28,9 +29,53 @@ def test_help_lists_every_option(capsys):
         assert flag in text, flag
 
 
-def test_no_arguments_prints_help(capsys):
-    assert main([]) == 0
-    assert "train" in capsys.readouterr().out
+def test_no_arguments_prints_help_once(capsys):
+    assert main([]) == 2  # as Typer's own no_args_is_help
+    out = capsys.readouterr().out
+    assert "train" in out and out.count("Usage:") == 1, out
+
+
+def test_version(capsys):
+    from easgd_local import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"easgd-local {__version__}\n"
+
+
+QUICK = [["--help"], ["--version"], ["train", "--help"], ["bench", "--help"],
+         ["evaluate", "--help"], ["plot", "--help"], ["train", "--tau", "0"],
+         ["train", "--algo", "nope"], ["train", "--lam", "2"]]
+
+
+@pytest.mark.parametrize("args", QUICK, ids=" ".join)
+def test_help_and_usage_errors_import_no_torch(args):
+    """The app is built and the arguments parsed without PyTorch: --help answers at once."""
+    code = ("import sys\nfrom easgd_local.cli import main\ncode = main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == (0 if "--help" in args or "--version" in args else 2), proc.stderr
+    assert "torch was imported" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _help(command):
+    proc = subprocess.run([sys.executable, "-m", "easgd_local", *command, "--help"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_help_reads_well_at_80_columns():
+    from easgd_local.algorithms import ALGORITHMS
+
+    train_help, bench_help = _help(["train"]), _help(["bench"])
+    words = set(train_help.replace("|", " ").replace(";", " ").replace(":", " ").split())
+    assert set(ALGORITHMS) <= words  # each choice whole, none split over two lines
+    assert "<bool>" not in train_help + bench_help + _help([])  # switches take no value
+    assert "[default: (" not in train_help + bench_help  # one style: [default: value]
+    assert "[default: 10]" in train_help and "[default: --lock]" in train_help
+    assert "median [min, max]" in " ".join(bench_help.replace("│", " ").split())
+    assert "--install-completion" in _help([])
 
 
 BAD = [

@@ -537,3 +537,16 @@ def test_imagefolder_augmentation_independent_of_loader_workers(tmp_path: Path) 
     x0, y0 = _collect(inline, 2, _gen(9))
     x2, y2 = _collect(forked, 2, _gen(9))
     assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_imagefolder_subset_keeps_the_chosen_samples(tmp_path: Path) -> None:
+    # A subset of a streamed split (the evaluator's) reads exactly the samples drawn for it.
+    _make_imagefolder(tmp_path, {"a": 3, "c": 3}, {"a": 3, "c": 3})
+    val = load_split("imagefolder", tmp_path, False, "cpu", image_size=12)
+    full_x, full_y = _collect(val, 6)
+    part = val.subset(3, 5)
+    idx = torch.randperm(6, generator=_gen(5))[:3].sort().values
+    assert idx.tolist() != [0, 1, 2]  # a seed that does not pick the first samples
+    px, py = _collect(part, 2)
+    assert len(part) == 3 and len(val) == 6
+    assert torch.equal(px, full_x[idx]) and torch.equal(py, full_y[idx])

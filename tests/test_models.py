@@ -50,6 +50,16 @@ def test_unknown_model() -> None:
         model_input_size("vgg", 28)
 
 
+def test_unknown_model_is_one_line_config_error() -> None:
+    # The one check of a model's name: the launcher's --model error, wherever it is asked.
+    from easgd_local.config import ConfigError
+
+    for ask in (lambda: build_model("vgg", MNIST_LIKE), lambda: model_input_size("vgg", 28)):
+        with pytest.raises(ConfigError, match=r"^unknown --model 'vgg'; choose one of cnn, .*module:factory$"):
+            ask()
+    model_input_size("mine:make", 28)  # a pattern, not a name of the table
+
+
 def test_model_input_size() -> None:
     assert model_input_size("cifar-paper", 32) == 28
     assert model_input_size("cnn", 28) == 28 and model_input_size("cnn", 32) == 32

@@ -288,7 +288,7 @@ def test_a_box_killed_mid_run(tmp_path, restarts):
 def test_resume_takes_each_boxs_own_configuration_and_checkpoint(tmp_path, monkeypatch, capsys):
     """Box 0 keeps its configuration in OUT and its checkpoints in OUT/box-0, box k both in
     OUT/box-k; --resume OUT without torchrun, or --resume OUT/box-k, says what to do."""
-    from easgd_local.cli import _resume_dirs
+    from easgd_local.resume import resume_dirs as _resume_dirs
 
     out = tmp_path / "job"
     for k in (0, 1):

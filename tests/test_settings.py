@@ -15,7 +15,8 @@ from easgd_local.config import ConfigError, TrainConfig
 from easgd_local.multinode import PER_BOX_FIELDS
 from easgd_local.settings import Setting, problem
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = {path.relative_to(ROOT).as_posix(): path.read_text() for path in readme.documents(ROOT)}
 
 
 @pytest.mark.parametrize("bounds,value,message", [
@@ -53,10 +54,10 @@ def test_a_malformed_declaration_fails_at_once():
 
 def test_resumable_and_per_box_fields_are_those_declared():
     assert set(cli.RESUMABLE_FIELDS) == {
-        "steps", "epochs", "time_limit", "target_accuracy", "data_dir", "download",
+        "steps", "epochs", "time_limit", "target_accuracy", "target_hold", "data_dir", "download",
         "max_restarts", "stall_timeout", "eval_every", "eval_budget", "eval_samples",
-        "eval_deferred", "checkpoint_every", "threads", "quiet"}
-    assert cli.STOP_FIELDS == ("steps", "epochs", "time_limit", "target_accuracy")
+        "eval_deferred", "checkpoint_every", "threads", "quiet", "precision"}
+    assert cli.STOP_FIELDS == ("steps", "epochs", "time_limit", "target_accuracy", "target_hold")
     assert PER_BOX_FIELDS == {
         "data_dir", "download", "out", "quiet", "threads", "devices", "loader_workers",
         "eval_every", "eval_budget", "eval_samples", "eval_deferred", "checkpoint_every",
@@ -85,9 +86,11 @@ def test_bench_shares_train_declarations_with_its_own_defaults():
 @pytest.mark.parametrize("name", sorted(readme.tables()))
 def test_readme_tables_are_generated_from_the_declarations(name):
     generated = readme.tables()[name]
-    found = readme.blocks(README.read_text()).get(name)
+    where = readme.placed(DOCUMENTS)[name]
+    assert len(where) == 1, f"the {name} table belongs in one document, found in {where}"
+    found = readme.blocks(DOCUMENTS[where[0]]).get(name)
     assert found == generated, (
-        f"README.md's <!-- options:{name} --> table differs from the declarations; run "
+        f"{where[0]}'s <!-- options:{name} --> table differs from the declarations; run "
         f".venv/bin/python scripts/readme_tables.py, or paste:\n\n{generated}")
 
 
@@ -111,7 +114,7 @@ def test_a_new_algorithm_option_needs_only_its_declaration(toy, command, capsys)
     assert main([command, "--help"]) == 0
     text = capsys.readouterr().out
     assert "--toy-rate" in text and "How much of a toy it is. Must be in (0, 1)." in text
-    assert "[default: (0.375)]" in text  # resolved with the run, so shown in words
+    assert "[default: 0.375]" in text  # resolved with the run; shown as every default is
 
 
 def test_a_new_algorithm_option_is_checked_and_defaulted(toy, capsys, tmp_path):

@@ -210,7 +210,7 @@ def test_a_model_too_large_for_the_memory_is_refused_before_anything(user_module
     from easgd_local import config as config_module
     from easgd_local.cli import main
 
-    monkeypatch.setattr(config_module, "_available_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr(config_module.resources, "available_memory", lambda: 16 * 2**30)
     before = leftovers_snapshot()
     out = user_module / "run"
     assert main(["train", "--out", str(out), "--dataset", "usernets:huge_label", "--model",

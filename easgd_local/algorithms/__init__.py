@@ -8,6 +8,7 @@ from .ddp import DDP
 from .downpour import ADOWNPOUR, DOWNPOUR, MDOWNPOUR, MVADOWNPOUR
 from .elastic import EAMSGD, EASGD, SyncEASGD
 from .gossip import ElasticGossip, GossipSGD
+from .hogwild import Hogwild
 from .leader import LSGD
 from .reference import MSGD, SGD
 from .tree import EASGDTree
@@ -18,7 +19,7 @@ __all__ = ["ALGORITHMS", "Algorithm", "Communicator", "Option", "WorkerContext",
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     EASGD(), EAMSGD(), SyncEASGD(), EASGDTree(), LSGD(), ElasticGossip(), GossipSGD(),
     DOWNPOUR(), MDOWNPOUR(), ADOWNPOUR(), MVADOWNPOUR(),
-    DDP(), SGD(), MSGD(),
+    DDP(), SGD(), MSGD(), Hogwild(),
 )}
 
 

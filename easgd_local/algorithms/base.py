@@ -14,12 +14,19 @@
 
 The worker loop, the launcher and the bench only ever talk to these; adding an algorithm is a
 module with its class and a line in the registry (algorithms/__init__.py).
+
+An algorithm's declarations (its name, summary, options and what they resolve to) are read by
+``--help`` and by the checks of a configuration, which need no PyTorch; so no algorithm module
+imports PyTorch, or a module that does, when it is imported: it names them with
+:func:`deferred`, and they load when a run first uses them.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import ConfigError
@@ -32,6 +39,31 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
     from ..control import WorkerChannels
     from ..shared import SharedState
+
+
+class _Deferred:
+    """A module imported when one of its attributes is first read."""
+
+    def __init__(self, name: str, package: str | None) -> None:
+        self._name, self._package = name, package
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):  # copy, pickle and inspect probe these: not a use
+            raise AttributeError(attr)
+        if self._module is None:
+            self._module = importlib.import_module(self._name, self._package)
+        return getattr(self._module, attr)
+
+    def __repr__(self) -> str:
+        return f"<deferred module {self._name!r}>"
+
+
+def deferred(*names: str, package: str | None = None) -> tuple[Any, ...]:
+    """Stand-ins for the modules ``names`` (relative ones to ``package``), each imported when
+    an attribute of it is first read: ``torch, center = deferred("torch", "..center",
+    package=__package__)``, then ``torch.zeros(...)``, ``center.SharedCenter(...)``."""
+    return tuple(_Deferred(name, package) for name in names)
 
 
 @dataclass(frozen=True)

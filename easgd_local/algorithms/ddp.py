@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
-
-from ..center import Link
-from ..control import AGREED_STOP
-from ..shared import SharedState
-from .base import Algorithm, Communicator, WorkerContext
+from .base import Algorithm, Communicator, WorkerContext, deferred
 from .reference import Publisher
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from .. import center, control
+    from .. import shared as shm
+    from ..shared import SharedState
+else:  # loaded when a run starts (base.py)
+    torch, center, control, shm = deferred("torch", "..center", "..control", "..shared",
+                                           package=__package__)
 
 
 def free_loopback_port() -> int:
@@ -30,7 +36,7 @@ class DDPSync(Publisher):
 
     def __init__(self, ctx: WorkerContext, port: int):
         config, ch = ctx.config, ctx.channels
-        super().__init__(Link(ctx.shared["model"], ctx.device), config.tau, 0.0,
+        super().__init__(center.Link(ctx.shared["model"], ctx.device), config.tau, 0.0,
                          active=ctx.rank == 0)
         self.ctx, self.port = ctx, port
         self.barrier, self.agreed = ctx.barrier(), ch.agreed
@@ -84,7 +90,7 @@ class DDPSync(Publisher):
         self.barrier.mark(False)  # backward has returned: every all-reduce is done
         if step % self.tau == 0:
             self.barrier.wait()
-            return not self.agreed[AGREED_STOP]
+            return not self.agreed[control.AGREED_STOP]
         return True
 
     def close(self) -> None:
@@ -112,11 +118,9 @@ class DDP(Algorithm):
     reports = "rank 0's model (the same on every rank)"
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        state = SharedState(locked=True)
+        state = shm.SharedState(locked=True)
         state.add("model", init)
         # Where the process group meets, chosen once per run (and anew on a resume).
-        import torch
-
         state.add("port", torch.tensor([free_loopback_port()]), lock=False, dtype=torch.int64)
         return state
 

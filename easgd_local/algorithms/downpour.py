@@ -4,14 +4,19 @@ MVADOWNPOUR)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+from .base import Algorithm, Communicator, LinkCommunicator, WorkerContext, deferred
 
-from ..center import CenterLink, SharedCenter
-from ..shared import SharedState
-from .base import Algorithm, Communicator, LinkCommunicator, WorkerContext
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from .. import center
+    from ..center import CenterLink, SharedCenter
+    from ..shared import SharedState
+else:  # loaded when a run starts (base.py)
+    torch, center = deferred("torch", "..center", package=__package__)
 
 
 class Downpour(LinkCommunicator):
@@ -55,11 +60,11 @@ class DOWNPOUR(Algorithm):
         return config.resolved_momentum if self.master_momentum else 0.0
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        return SharedCenter(init, lock=config.lock, momentum=self._momentum(config),
+        return center.SharedCenter(init, lock=config.lock, momentum=self._momentum(config),
                             average=self.averaged, n_params=n_params).state
 
     def _center(self, shared: SharedState, config: Any, n_params: int | None = None) -> SharedCenter:
-        return SharedCenter(state=shared, momentum=self._momentum(config), n_params=n_params)
+        return center.SharedCenter(state=shared, momentum=self._momentum(config), n_params=n_params)
 
     def reported(self, shared: SharedState, config: Any) -> Tensor:
         return self._center(shared, config).reported()
@@ -68,7 +73,7 @@ class DOWNPOUR(Algorithm):
         return []
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
-        link = CenterLink(self._center(ctx.shared, ctx.config, ctx.n_params), ctx.device)
+        link = center.CenterLink(self._center(ctx.shared, ctx.config, ctx.n_params), ctx.device)
         return Downpour(link, ctx.config.tau, link.d, self.average_rate)
 
 

@@ -3,17 +3,21 @@ synchronous EASGD of the same paper. The update rules are in rules.py."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from .. import rules
-from ..center import CenterLink, SharedCenter
 from ..config import ConfigError
-from ..control import AGREED_STOP
-from ..shared import SharedState
-from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext
+from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext, deferred
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from .. import center, control, rules
+    from ..center import CenterLink
+    from ..shared import SharedState
+else:  # loaded when a run starts (base.py)
+    torch, center, control, rules = deferred("torch", "..center", "..control", "..rules",
+                                             package=__package__)
 
 
 WEIGHTING = Option("weighting", str, "Moving rate per exchange: none (the paper's, fixed) or "
@@ -108,7 +112,7 @@ class SyncElastic(Elastic):
 
     def _exchange(self, y: Tensor) -> bool:
         self.barrier.wait()
-        if self.agreed[AGREED_STOP]:
+        if self.agreed[control.AGREED_STOP]:
             return False
         self.link.exchange(y, self.alpha, barrier=self.barrier)
         return True
@@ -126,15 +130,17 @@ class EASGD(Algorithm):
         check_weighting(config)
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        state = SharedCenter(init, lock=config.lock, n_params=n_params).state
+        state = center.SharedCenter(init, lock=config.lock, n_params=n_params,
+                                    stripes=config.center_stripes).state
         add_weighting_entries(state, "center", config.workers)
         return state
 
     def reported(self, shared: SharedState, config: Any) -> Tensor:
-        return SharedCenter(state=shared).reported()
+        return center.SharedCenter(state=shared).reported()
 
     def center_link(self, ctx: WorkerContext) -> CenterLink:
-        return CenterLink(SharedCenter(state=ctx.shared, n_params=ctx.n_params), ctx.device)
+        return center.CenterLink(center.SharedCenter(state=ctx.shared, n_params=ctx.n_params),
+                                  ctx.device)
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
         c = ctx.config

@@ -38,16 +38,21 @@ the workers by at most one period of local steps; at the end every worker publis
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from .. import rules
-from ..center import Diverged, Link
 from ..config import ConfigError
-from ..shared import SharedState, SharedTensor
-from .base import Algorithm, Communicator, Option, WorkerContext
+from .base import Algorithm, Communicator, Option, WorkerContext, deferred
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from .. import center, rules
+    from .. import shared as shm
+    from ..shared import SharedState, SharedTensor
+else:  # loaded when a run starts (base.py)
+    torch, center, rules, shm = deferred("torch", "..center", "..rules", "..shared",
+                                         package=__package__)
 
 GOSSIP_PROB = Option("gossip_prob", float, "Probability that a worker initiates an exchange each "
                      "period (the author swept 1/8 down to 1/2048).", default=1 / 8,
@@ -82,7 +87,7 @@ class Gossip(Communicator):
         self.prob, self.period = opts["gossip_prob"], opts["gossip_period"]
         self.shared = ctx.shared
         # Staging between the worker's device and shared memory (one set, whichever the peer).
-        self.own = Link(ctx.shared[slot(ctx.rank)], ctx.device)
+        self.own = center.Link(ctx.shared[slot(ctx.rank)], ctx.device)
         self.box: SharedTensor = ctx.shared[inbox(ctx.rank)]
         self.count: SharedTensor = ctx.shared[f"{inbox(ctx.rank)}.count"]
         self.numel = self.own.entry.numel
@@ -139,7 +144,7 @@ class Gossip(Communicator):
 
     def _gossip(self, y: Tensor, v: Tensor | None) -> None:
         if not bool(torch.isfinite(y).all()):
-            raise Diverged("non-finite parameters")
+            raise center.Diverged("non-finite parameters")
         peer = self.choose()
         pair = sorted({self.rank, peer} - {None})
         with contextlib.ExitStack() as held:
@@ -169,7 +174,7 @@ class Gossip(Communicator):
     def finish(self, y: Tensor, v: Tensor | None) -> None:
         """Publish the last parameters, with what the inbox holds, for the final evaluation."""
         if not bool(torch.isfinite(y).all()):
-            raise Diverged("non-finite parameters")
+            raise center.Diverged("non-finite parameters")
         with self.own.entry.guard():
             self._take_inbox(y)
             self._publish(rules.current_x(y, v, self.momentum))
@@ -222,7 +227,7 @@ class ElasticGossip(Algorithm):
             raise ConfigError(f"{self.name} needs at least 2 workers (got {config.workers})")
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        state = SharedState(locked=config.lock)
+        state = shm.SharedState(locked=config.lock)
         for r in range(config.workers):
             state.add(slot(r), init)
             state.add(inbox(r), torch.zeros_like(init), lock=slot(r))

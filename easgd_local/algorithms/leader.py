@@ -30,17 +30,22 @@ The authors' code also pulls toward the last leader after every step (a proximal
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from .. import rules
-from ..center import Diverged, Link
 from ..config import ConfigError
-from ..shared import SharedState
-from .base import Algorithm, Communicator, Option, WorkerContext
+from .base import Algorithm, Communicator, Option, WorkerContext, deferred
 from .groups import GROUP_SIZE, group_of, group_size, members
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from .. import center, rules
+    from .. import shared as shm
+    from ..shared import SharedState
+else:  # loaded when a run starts (base.py)
+    torch, center, rules, shm = deferred("torch", "..center", "..rules", "..shared",
+                                         package=__package__)
 
 
 def four_taus(config: Any) -> int:
@@ -94,9 +99,9 @@ class LeaderPull(Communicator):
         self.group = members(group_of(ctx.rank, size), size)
         self.one_group = size == c.workers
         self.shared = ctx.shared
-        self.own = Link(ctx.shared[slot_name(ctx.rank)], ctx.device)
+        self.own = center.Link(ctx.shared[slot_name(ctx.rank)], ctx.device)
         self.own_loss = ctx.shared[f"{slot_name(ctx.rank)}.loss"]
-        self.peers = {r: Link(ctx.shared[slot_name(r)], ctx.device)
+        self.peers = {r: center.Link(ctx.shared[slot_name(r)], ctx.device)
                       for r in range(c.workers) if r != ctx.rank}
         self.recent = torch.full((self.window,), math.nan, device=ctx.device)  # last k losses
         self.seen = 0  # losses recorded so far
@@ -130,7 +135,7 @@ class LeaderPull(Communicator):
     def _publish_and_pull(self, step: int, y: Tensor, v: Tensor | None) -> None:
         loss = self._mean_loss()
         if (self.seen and not math.isfinite(loss)) or not bool(torch.isfinite(y).all()):
-            raise Diverged("non-finite parameters or loss")
+            raise center.Diverged("non-finite parameters or loss")
         x = rules.current_x(y, v, self.momentum)
         host = self.own.to_host(x)
         with self.own.entry.guard():  # params and loss, one publication
@@ -191,7 +196,7 @@ class LSGD(Algorithm):
                               f"with --tau {config.tau}): pulls come at publications, every tau steps")
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        state = SharedState(locked=config.lock)
+        state = shm.SharedState(locked=config.lock)
         for r in range(config.workers):
             state.add(slot_name(r), init)
             state.add(f"{slot_name(r)}.loss", torch.tensor([math.inf]), lock=slot_name(r),

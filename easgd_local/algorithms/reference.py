@@ -3,14 +3,19 @@ no center. The worker publishes its model into a shared slot, where the evaluato
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from .base import Algorithm, Communicator, WorkerContext, deferred
 
-from ..center import Link
-from ..rules import current_x
-from ..shared import SharedState
-from .base import Algorithm, Communicator, WorkerContext
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .. import center, rules
+    from .. import shared as shm
+    from ..center import Link
+    from ..shared import SharedState
+else:  # loaded when a run starts (base.py)
+    center, rules, shm = deferred("..center", "..rules", "..shared", package=__package__)
 
 
 class Publisher(Communicator):
@@ -26,7 +31,7 @@ class Publisher(Communicator):
 
     def _publish(self, y: Tensor, v: Tensor | None) -> None:
         if self.active:
-            self.link.publish(current_x(y, v, self.momentum))
+            self.link.publish(rules.current_x(y, v, self.momentum))
 
     def after_step(self, step: int, y: Tensor, v: Tensor | None, loss: Tensor) -> None:
         if (step + 1) % self.tau == 0:
@@ -48,7 +53,7 @@ class SGD(Algorithm):
     default_step = 0.15
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        state = SharedState(locked=True)
+        state = shm.SharedState(locked=True)
         state.add("model", init)
         return state
 
@@ -57,7 +62,7 @@ class SGD(Algorithm):
 
     def communicator(self, ctx: WorkerContext) -> Communicator:
         momentum = ctx.config.resolved_momentum if self.local_momentum else 0.0
-        return Publisher(Link(ctx.shared["model"], ctx.device), ctx.config.tau, momentum)
+        return Publisher(center.Link(ctx.shared["model"], ctx.device), ctx.config.tau, momentum)
 
 
 class MSGD(SGD):

@@ -30,17 +30,23 @@ link that crosses device groups); exchanges with a group center stay inside a de
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from .. import rules
-from ..center import CenterLink, Diverged, SharedCenter
-from ..shared import SharedState, SharedTensor, crash_signal, crash_halfway
-from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext
+from .base import Algorithm, Communicator, LinkCommunicator, Option, WorkerContext, deferred
 from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries, check_weighting
 from .groups import GROUP_SIZE, group_of, group_size
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from .. import center, rules
+    from .. import shared as shm
+    from ..center import CenterLink
+    from ..shared import SharedState, SharedTensor
+else:  # loaded when a run starts (base.py)
+    torch, center, rules, shm = deferred("torch", "..center", "..rules", "..shared",
+                                         package=__package__)
 
 TAU_ROOT = Option("tau_root", int, "Exchanges of a group with its center between two exchanges "
                   "of that center with the root.", default=4, bounds=">= 1")
@@ -57,9 +63,9 @@ def root_exchange_(group: SharedTensor, root: SharedTensor, alpha_root: float) -
         with root.guard():
             d = rules.elastic_difference(group.data, root.data, alpha_root)
             if not bool(torch.isfinite(d).all()):
-                raise Diverged("non-finite group center")
+                raise center.Diverged("non-finite group center")
             if root.crash_in_lock:
-                crash_halfway(root.data, d, crash_signal(root.crash_in_lock))
+                shm.crash_halfway(root.data, d, shm.crash_signal(root.crash_in_lock))
             root.data.add_(d)
             group.data.sub_(d)
     return d
@@ -128,10 +134,10 @@ class EASGDTree(Algorithm):
         return (self.default_beta if beta is None else beta) / group_size(config)
 
     def shared_state(self, config: Any, init: Tensor, n_params: int) -> SharedState:
-        state = SharedState(locked=config.lock)
+        state = shm.SharedState(locked=config.lock)
         state.add("root", init)
         for g in range(config.resolved_options["groups"]):
-            SharedCenter(init, state=state, name=f"group{g}", n_params=n_params)
+            center.SharedCenter(init, state=state, name=f"group{g}", n_params=n_params)
             add_weighting_entries(state, f"group{g}", config.resolved_options["group_size"])
         return state
 
@@ -142,12 +148,12 @@ class EASGDTree(Algorithm):
         c, opts = ctx.config, ctx.config.resolved_options
         size = opts["group_size"]
         g = group_of(ctx.rank, size)
-        center = SharedCenter(state=ctx.shared, name=f"group{g}", n_params=ctx.n_params)
+        group = center.SharedCenter(state=ctx.shared, name=f"group{g}", n_params=ctx.n_params)
         weighting = None
         if opts.get("weighting") == "dynamic":
             weighting = DynamicWeighting(ctx.shared, f"group{g}", ctx.rank - g * size,
                                          c.resolved_alpha * size)
-        return TreeExchange(CenterLink(center, ctx.device), ctx.shared[f"group{g}.clock"],
+        return TreeExchange(center.CenterLink(group, ctx.device), ctx.shared[f"group{g}.clock"],
                             ctx.shared["root"], tau=c.tau, alpha=c.resolved_alpha,
                             tau_root=opts["tau_root"], alpha_root=opts["alpha_root"],
                             weighting=weighting)

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from .config import ConfigError
-from .data import DatasetInfo, Split
+from ..config import ConfigError
+from .base import DatasetInfo
+from .splits import LoaderSplit, Split
 
 _CACHE: dict[str, tuple[Any, Any, DatasetInfo]] = {}  # one factory call per process and spec
 
@@ -61,7 +62,7 @@ def _info(spec: str, shape: tuple[int, ...], labels: list[torch.Tensor], train_s
 def load(spec: str, data_dir: Any = None, image_size: int | None = None) -> tuple[Any, Any, DatasetInfo]:
     """(train, test, info) from the factory named ``spec``, called once per process."""
     if spec not in _CACHE:
-        from .user import call_with_known, import_spec
+        from ..user import call_with_known, import_spec
 
         factory = import_spec(spec, "--dataset")
         result = call_with_known(factory, "--dataset", data_dir=data_dir, image_size=image_size)
@@ -147,9 +148,9 @@ def _fits(x: torch.Tensor, device: torch.device) -> bool:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return size <= free / 4
-    from .config import _available_memory
+    from ..config import resources
 
-    available = _available_memory()
+    available = resources.available_memory()
     return available is None or size <= available / 4
 
 
@@ -178,11 +179,12 @@ class TensorDataSplit(Split):
             yield self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
-class DatasetSplit(Split):
+class DatasetSplit(LoaderSplit):
     """A user's Dataset (or tensors too large to hold), through a DataLoader."""
 
     def __init__(self, dataset: Any, info: DatasetInfo, device: torch.device, loader_workers: int):
-        self.dataset, self.info, self.device, self.loader_workers = dataset, info, device, loader_workers
+        super().__init__(info, device, loader_workers)
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -191,15 +193,12 @@ class DatasetSplit(Split):
         return DatasetSplit(torch.utils.data.Subset(self.dataset, indices.tolist()), self.info,
                             self.device, self.loader_workers)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None,
-                drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, shuffle=generator is not None,
-            generator=generator, drop_last=drop_last, num_workers=self.loader_workers,
-            pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            yield (x.to(self.device, non_blocking=True).float(),
-                   torch.as_tensor(y).to(self.device, non_blocking=True).long())
+    def _epoch_dataset(self, generator: torch.Generator | None) -> Any:
+        return self.dataset
+
+    def _on_device(self, x: torch.Tensor, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x.to(self.device, non_blocking=True).float(),
+                torch.as_tensor(y).to(self.device, non_blocking=True).long())
 
 
 def split(spec: str, train: bool, device: torch.device, loader_workers: int,

@@ -14,6 +14,7 @@ from .base import DEFAULT_BOX_BETA, DEFAULT_BOX_TAU, DEFAULT_MOMENTUM, ConfigErr
 from .concerns import (AlgorithmSettings, BoxSettings, CheckpointSettings, DataSettings,
                        EvaluationSettings, OutputSettings, StopSettings, SystemSettings)
 from . import resources
+from .faults import parse_fault
 
 
 # Bases in reverse: a dataclass lays out its fields from the last base to the first, so the
@@ -87,8 +88,6 @@ class TrainConfig(OutputSettings, BoxSettings, CheckpointSettings, EvaluationSet
     def _check_faults(self) -> None:
         """Every --fault well formed and aimed at a worker of this run (once --workers is
         resolved): a fault that could never fire is refused, not ignored."""
-        from ..worker import parse_fault
-
         for item in filter(None, (self.faults or "").split(",")):
             try:
                 rank, _, _ = parse_fault(item)

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from . import __version__, settings
+from . import __version__, console, settings
 from . import bench as _bench
 from .algorithms import all_options
 from .config import ConfigError, TrainConfig
@@ -87,12 +87,18 @@ def train(values: dict[str, Any], algorithm_options: dict[str, Any]) -> None:
     checkpoint = None
     if resume is not None:
         config, checkpoint = resumed(resume, config, _given_on_command_line())
-    reporter = None if config.quiet else ProgressReporter()
-    summary = run_training(config, reporter, checkpoint)
+    reporter = None if config.quiet else console.ProgressReporter()
+    try:
+        summary = run_training(config, reporter, checkpoint)
+    except KeyboardInterrupt:
+        if reporter is not None:
+            reporter.finished()  # the bar closed before the line that ends the command
+        console.INTERRUPTED[0] = console.interrupted_line(config, reporter)
+        raise
     if config.out is not None:  # set by the run where it was not given
         write_run_files(Path(config.out))
     if not config.quiet:
-        print_summary(summary, config.out)
+        console.print_summary(summary, config.out)
 
 
 def check_values(config: TrainConfig) -> None:
@@ -276,53 +282,6 @@ def stability(
     typer.echo(f"written to {out}", err=True)
 
 
-class ProgressReporter:
-    """A tqdm bar over training samples with samples/s and the last center accuracy."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def started(self, config: TrainConfig, total_samples: int | None) -> None:
-        from tqdm import tqdm
-
-        typer.echo(f"{config.algo}: {config.workers} worker(s) on {','.join(config.devices)}, "
-                   f"alpha={config.resolved_alpha:g} tau={config.tau} lr={config.lr:g}, "
-                   f"until {config.stop_rule()}; writing {config.out}", err=True)
-        self.bar = tqdm(total=total_samples, unit="sample", unit_scale=True, dynamic_ncols=True,
-                        file=sys.stderr, mininterval=0.5)
-
-    def progress(self, samples: int, elapsed: float, accuracy: float | None) -> None:
-        # tqdm's own rate column is the samples/s; update() redraws at most every mininterval.
-        if self.bar is not None and samples > self.bar.n:
-            self.bar.update(samples - self.bar.n)
-
-    def evaluated(self, record: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix({"center acc": f"{record['test_accuracy']:.4f}"}, refresh=False)
-
-    def finished(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def print_summary(summary: dict[str, Any], out: Path | None) -> None:
-    rows = [
-        ("algorithm", f"{summary['algo']} (p={summary['workers']}, tau={summary['tau']}, alpha={summary['alpha']:g})"),
-        ("devices", ", ".join(summary["devices"])),
-        ("center test accuracy", f"{summary['final_test_accuracy']:.4f}"),
-        ("center test loss", f"{summary['final_test_loss']:.4f}"),
-        ("training time", f"{summary['train_seconds']:.1f} s (+ {summary['startup_seconds']:.1f} s start-up)"),
-        ("samples", f"{summary['total_samples']:,} ({summary['samples_per_second']:,.0f}/s)"),
-        ("exchanges", f"{summary['exchanges']:,} ({summary['bytes_exchanged'] / 1e6:,.1f} MB, "
-                      f"{100 * summary['exchange_fraction']:.1f}% of worker time)"),
-        ("output", str(out)),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        typer.echo(f"{k:<{width}}  {v}")
-
-
 # The errors that end a command in one line, with their exit codes: 2 for bad input, 1 for a run
 # that failed. Looked up among the modules loaded: one not loaded (for --help, none that imports
 # PyTorch) cannot have raised its error.
@@ -358,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_one_line(e.format_message())}", err=True)
         return 2
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("interrupted", err=True)
+        typer.echo(console.INTERRUPTED[0], err=True)
         return 130
     except Exception as e:
         code = _exit_code(e)
@@ -367,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_one_line(str(e))}", err=True)
         return code
     if result == 130:  # typer turns a KeyboardInterrupt in a command into exit code 130, silently
-        typer.echo("interrupted", err=True)
+        typer.echo(console.INTERRUPTED[0], err=True)
     return result if isinstance(result, int) else 0
 
 

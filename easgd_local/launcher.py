@@ -314,7 +314,7 @@ class Run:
         once."""
         self.crew.stop()
         self.checkpoints.save(time.perf_counter() - self.t0)
-        log.warning("interrupted: checkpoint written to %s", self.checkpoints.current)
+        log.info("interrupted: checkpoint written to %s", self.checkpoints.current)
 
     def shutdown(self) -> None:
         """Stop, join, and if need be kill every worker; stop the evaluator; release the shared

@@ -135,7 +135,8 @@ class RunDir:
         if checkpoints:
             held.append(str(checkpoints[0].relative_to(self.path).parent))
         if held:
-            raise OutputError(f"--out {self.path} already holds a run ({held[0]}); choose another directory")
+            raise OutputError(f"--out {self.path} already holds a run ({held[0]}); choose another "
+                              f"directory, or continue it with: easgd-local train --resume {self.path}")
         ours = {*RESULT_FILES, *RUN_ENTRIES, *also_ours}
         foreign = [n for n in names if n not in ours and not _is_box_or_temp(n)]
         if "config.json" in names and not _is_our_config(self.path / "config.json"):

@@ -199,8 +199,9 @@ def test_pipeline_with_repeats_and_a_grid(fake_train, tmp_path, capsys):
     assert rows[0]["repeats"][1]["run_dir"] == "runs/5-sgd-p1-lr0.1-r1"
     assert sum(r["best"] for r in rows) == 2
     assert "--lrs 0.1,0.2" in table and "--repeats 2" in table
-    # The second repeat trains 3 x its configuration's first crossing, at least 10 s.
-    assert [c.time_limit for c in fake_train] == [60.0] * 4 + [10.0] * 4
+    # The first sgd run trains the whole limit; the runs after it in the first repeat 4 x its
+    # crossing, the second repeat 3 x its configuration's first: here both the 10 s floor.
+    assert [c.time_limit for c in fake_train] == [60.0] + [10.0] * 7
 
 
 # --- bad input: one line, exit code 2, nothing written --------------------------------------

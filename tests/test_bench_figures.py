@@ -258,4 +258,22 @@ def test_later_repeats_train_a_multiple_of_the_first_crossing(factor, first, exp
             {"algo": "easgd", "tau": 10, "lr": 0.4, "repeat": 0, "time_to_target_s": 1.0},
             {"algo": "sgd", "tau": None, "lr": 0.2, "repeat": 0, "time_to_target_s": 1.0}]
     assert bench.trimmed_limit(options, _spec("easgd", 1), done) == expected
-    assert bench.trimmed_limit(options, _spec("easgd", 0), done) == 60.0  # the first: the limit
+
+
+@pytest.mark.parametrize("references, expected", [
+    ([], 60.0),                               # the first reference itself: the whole limit
+    ([("sgd", 5.0)], 20.0),                   # 4 x the reference's crossing
+    ([("sgd", 5.0), ("msgd", 7.0)], 28.0),    # 4 x the slowest of the references
+    ([("sgd", 5.0), ("msgd", None)], 20.0),   # a reference that never got there is no bound
+    ([("sgd", None)], 60.0),                  # nothing to go by
+    ([("sgd", 1.0)], 10.0),                   # the floor
+    ([("sgd", 20.0)], 60.0),                  # the limit
+])
+def test_first_repeats_train_a_multiple_of_the_references_crossing(references, expected):
+    options = bench.BenchOptions(time_limit=60.0)
+    done = [{"algo": algo, "tau": None, "lr": 0.2, "repeat": 0, "time_to_target_s": t}
+            for algo, t in references]
+    done.append({"algo": "easgd", "tau": 10, "lr": 0.2, "repeat": 1, "time_to_target_s": 0.5})
+    assert bench.trimmed_limit(options, _spec("eamsgd", 0), done) == expected
+    off = bench.BenchOptions(time_limit=60.0, trim_factor=0.0)
+    assert bench.trimmed_limit(off, _spec("eamsgd", 0), done) == 60.0

@@ -7,6 +7,7 @@ time are generous: these tests assert behaviour, not speed."""
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -295,7 +296,36 @@ def test_ctrl_c_at_any_moment_of_the_start_is_one_line(tmp_path, after):
     time.sleep(after)
     err = _interrupted(proc)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    # "interrupted", or once the run has its checkpoint the line that says how to continue it
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and (last == "interrupted" or last.startswith(
+        "interrupted; continue with: easgd-local train --resume")), err
+    assert _group_gone(proc.pid)
+    assert_no_leftovers(before)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_training_ends_with_the_resume_command(tmp_path):
+    """Once training is under way a Ctrl-C ends with one line: how far the run got and the exact
+    command that continues it from the checkpoint it wrote."""
+    before = leftovers_snapshot()
+    out = tmp_path / "run"
+    proc = _popen(["train", "--out", str(out), "--steps", "100000"])
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    err = _interrupted(proc)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted after [\d,]+ samples in [\d.]+ s; continue with: "
+                        rf"easgd-local train --resume {re.escape(str(out))}", last), err
+    assert "Traceback" not in err and "WARNING" not in err, err
+    assert (out / "checkpoint" / "state.pt").exists()
     assert _group_gone(proc.pid)
     assert_no_leftovers(before)
 

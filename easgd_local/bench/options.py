@@ -61,9 +61,10 @@ class BenchOptions:
     trim_factor: float = setting(
         3.0, flag="--trim-factor", kind=float, bounds=">= 0", concern="bench",
         help="Repeats after the first train for at most this many times their configuration's "
-             f"time to target in its first repeat (at least {TRIM_FLOOR:g} s, at most "
-             "--time-limit); a configuration whose first repeat did not reach it keeps "
-             "--time-limit. 0: every run lasts --time-limit.")
+             "time to target in its first repeat; in the first, the runs after sgd and msgd for "
+             "at most 4 times the slowest of theirs (always at least "
+             f"{TRIM_FLOOR:g} s, at most --time-limit; the whole limit where nothing to go by "
+             "reached the target). 0: every run lasts --time-limit.")
     lower_target: float | None = setting(
         None, flag="--lower-target", kind=float, bounds="(0, 1)", concern="bench",
         default_text=f"--target-accuracy - {LOWER_BY:g}",

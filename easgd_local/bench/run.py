@@ -16,6 +16,10 @@ from .report import bench_header, busy_note, result_text, write_outputs
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., dict[str, Any]]
+# The single-worker references, and how many times their slowest crossing a first repeat of
+# another algorithm may train (trimmed_limit).
+REFERENCES = ("sgd", "msgd")
+REFERENCE_FACTOR = 4.0
 Say = Callable[[str], None]
 
 
@@ -75,21 +79,29 @@ def run_bench(options: BenchOptions,
 
 
 def trimmed_limit(options: BenchOptions, spec: RunSpec, done: list[dict[str, Any]]) -> float:
-    """The training time of a planned run: --time-limit for a first repeat; for a later one at
-    most trim_factor times its configuration's first time to target, at least TRIM_FLOOR.
+    """The training time of a planned run, from the crossings already measured (``done``).
 
-    Runs evaluate their snapshots after training, so a run cannot stop at its own crossing; the
-    first repeat, which trains to the limit, says how long the configuration needs. A later
-    repeat that does not reach the target within the trimmed time counts as never reaching it.
+    Runs evaluate their snapshots after training, so a run cannot stop at its own crossing.
+    Instead, in the first repeat the single-worker references (sgd, msgd) set the others'
+    time: at most REFERENCE_FACTOR times the slowest reference crossing so far (a run slower
+    than that loses to one worker anyway); a later repeat trains at most trim_factor times its
+    own configuration's first crossing. Never less than TRIM_FLOOR nor more than --time-limit;
+    the whole limit where nothing to go by reached the target (the first reference itself, a
+    bench without references). A run that does not reach the target in its time counts as
+    never reaching it.
     """
-    if spec.repeat == 0 or options.trim_factor <= 0:
+    if options.trim_factor <= 0:
         return options.time_limit
-    first = next((run for run in done if run["repeat"] == 0 and _same_configuration(run, spec)),
-                 None)
-    crossing = first.get("time_to_target_s") if first else None
-    if crossing is None:
-        return options.time_limit
-    return min(options.time_limit, max(TRIM_FLOOR, options.trim_factor * crossing))
+    if spec.repeat == 0:
+        crossings = [run["time_to_target_s"] for run in done if run["repeat"] == 0
+                     and run["algo"] in REFERENCES and run["time_to_target_s"] is not None]
+        bound = REFERENCE_FACTOR * max(crossings) if crossings else None
+    else:
+        first = next((run for run in done
+                      if run["repeat"] == 0 and _same_configuration(run, spec)), None)
+        crossing = first.get("time_to_target_s") if first else None
+        bound = None if crossing is None else options.trim_factor * crossing
+    return options.time_limit if bound is None else min(options.time_limit, max(TRIM_FLOOR, bound))
 
 
 def _same_configuration(run: dict[str, Any], spec: RunSpec) -> bool:

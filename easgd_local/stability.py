@@ -36,7 +36,12 @@ import numpy as np
 Step = Callable[[np.ndarray, int], np.ndarray]
 
 
+# The colour of the unit contour (stable inside), in the heatmaps and their legends.
+UNIT = "cyan"
+
+
 # --- the updates, on a state vector ---------------------------------------------------------
+
 
 def easgd_step(p: int, eta: float, alpha: float) -> Step:
     """One round-robin step of EASGD on state (x_1..x_p, c), worker ``l`` active."""
@@ -180,7 +185,8 @@ def write_plot(path: Path, result: dict[str, Any]) -> str | None:
         grid = np.array(e["spectral_radius"])
         mesh = ax.pcolormesh(e["eta"], e["alpha"], grid, norm=LogNorm(vmin=max(grid.min(), 1e-3)),
                              shading="auto")
-        ax.contour(e["eta"], e["alpha"], grid, levels=[1.0], colors="white", linewidths=1.5)
+        ax.contour(e["eta"], e["alpha"], grid, levels=[1.0], colors=UNIT, linewidths=1.5)
+        ax.plot([], [], color=UNIT, linewidth=1.5, label="spectral radius 1")  # the contour's
         etas = np.linspace(0, 2, 200)
         ax.plot(etas, [easgd_bound(x) for x in etas], "r--", label="closed-form bound")
         ax.set(xlabel="eta", ylabel="alpha", title=f"EASGD, p = {p}: spectral radius")
@@ -190,7 +196,8 @@ def write_plot(path: Path, result: dict[str, Any]) -> str | None:
         grid = np.array(a["spectral_radius"])
         mesh = ax.pcolormesh(a["eta"], a["rho"], grid, shading="auto")
         if grid.min() < 1 < grid.max():
-            ax.contour(a["eta"], a["rho"], grid, levels=[1.0], colors="white", linewidths=1.5)
+            ax.contour(a["eta"], a["rho"], grid, levels=[1.0], colors=UNIT, linewidths=1.5)
+            ax.plot([], [], color=UNIT, linewidth=1.5, label="spectral radius 1")
         ax.plot([ex["eta"]], [ex["rho"]], "rx", label="the paper's example")
         ax.set(xlabel="eta", ylabel="rho", title=f"ADMM, p = {p}: spectral radius")
         ax.legend(loc="upper right", fontsize="small")

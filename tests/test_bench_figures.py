@@ -207,13 +207,14 @@ def test_markdown_table():
     assert len(table) == 2 + 2  # header, rule, one row per run
     assert len({line.count("|") for line in table}) == 1  # every line has the same columns
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header[5:8] == ["speed-up vs best single", "time to 97% (s)", "time to 95% (s)"]
+    assert header[5:9] == ["speed-up vs best single", "speed-up at 95%", "time to 97% (s)",
+                           "time to 95% (s)"]
     sgd_cells = [c.strip() for c in table[2].strip("|").split("|")]
-    assert sgd_cells[:5] == ["1", "sgd", "1", "-", "0.1"] and sgd_cells[6] == "not reached"
+    assert sgd_cells[:5] == ["1", "sgd", "1", "-", "0.1"] and sgd_cells[7] == "not reached"
     easgd_cells = [c.strip() for c in table[3].strip("|").split("|")]
     # No single worker reached the target: no speed-up against it, nor against sgd.
-    assert easgd_cells[5] == "-" and easgd_cells[6] == "8.3" and easgd_cells[8] == "-"
-    assert easgd_cells[9] == "3,710"
+    assert easgd_cells[5:7] == ["-", "-"] and easgd_cells[7] == "8.3" and easgd_cells[9] == "-"
+    assert easgd_cells[10] == "3,710"
     assert easgd_cells[-1] == "runs/2-easgd-p2-tau10"
 
 
@@ -222,7 +223,7 @@ def test_markdown_table_with_repeats_shows_the_spread():
     text = bench.markdown_table(_bench_dict(bench.derive_rows(runs), repeats=3))
     assert "median [min, max] of 3" in text
     cells = [c.strip() for c in text.splitlines()[-1].strip("|").split("|")]
-    assert cells[6] == "3.0 [2.0, 4.0]" and cells[9] == "2,000 [1,000, 3,000]"
+    assert cells[7] == "3.0 [2.0, 4.0]" and cells[10] == "2,000 [1,000, 3,000]"
 
 
 def test_busy_machine_is_reported():
@@ -277,3 +278,17 @@ def test_first_repeats_train_a_multiple_of_the_references_crossing(references, e
     assert bench.trimmed_limit(options, _spec("eamsgd", 0), done) == expected
     off = bench.BenchOptions(time_limit=60.0, trim_factor=0.0)
     assert bench.trimmed_limit(off, _spec("eamsgd", 0), done) == 60.0
+
+
+def test_the_speed_up_at_the_lower_target_is_bootstrapped_alike():
+    """speedup_lower_vs_best_single: the best single worker's median time to the lower target
+    over the row's, with its interval, as the headline is at the target."""
+    runs = []
+    for r, (single, multi) in enumerate([(2.0, 1.0), (3.0, 1.5), (4.0, 2.0)]):
+        runs.append({**_run(_summary("sgd", 1), 9.0, repeat=r), "time_to_lower_s": single})
+        runs.append({**_run(_summary("easgd"), 4.0, repeat=r), "time_to_lower_s": multi})
+    rows = {r["algo"]: r for r in bench.derive_rows(runs)}
+    assert rows["easgd"]["speedup_lower_vs_best_single"] == pytest.approx(3.0 / 1.5)
+    assert rows["easgd"]["speedup_vs_best_single"] == pytest.approx(9.0 / 4.0)
+    low, high = (rows["easgd"][f"speedup_lower_vs_best_single_{k}"] for k in ("low", "high"))
+    assert low <= 2.0 <= high and rows["sgd"]["speedup_lower_vs_best_single"] == 1.0

@@ -35,7 +35,9 @@ FIGURES = (*TIMES, "speedup_vs_sgd", "samples_per_second", "efficiency",
 ROW_KEYS = ("algo", "workers", "tau", "lr", "momentum", *FIGURES,
             *(f"{k}_{end}" for k in FIGURES for end in ("min", "max")),
             "speedup_vs_best_single", "speedup_vs_best_single_low",
-            "speedup_vs_best_single_high", "best_single", "best", "run_dir", "repeats")
+            "speedup_vs_best_single_high", "speedup_lower_vs_best_single",
+            "speedup_lower_vs_best_single_low", "speedup_lower_vs_best_single_high",
+            "best_single", "best", "run_dir", "repeats")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -167,6 +169,9 @@ def derive_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, members in groups.items():
         row = _row(key, members, ref_by_repeat)
         row.update(_versus_single(members, groups[single] if single else None))
+        # The same at the lower target, below the plateau, where crossings are steadier.
+        row.update(_versus_single(members, groups[single] if single else None,
+                                  "time_to_lower_s", "speedup_lower_vs_best_single"))
         row["best_single"] = None if single is None else _label(single)
         row["best"] = best[key[:3]] == key
         rows.append(row)
@@ -207,14 +212,16 @@ def _row(key: tuple, members: Sequence[dict[str, Any]],
     return row
 
 
-def _versus_single(members: Sequence[dict[str, Any]],
-                   single: Sequence[dict[str, Any]] | None) -> dict[str, float | None]:
-    """speedup_vs_best_single with its bootstrap interval (None where undefined: no single
-    worker reached the target, or this row's median never did)."""
-    keys = ("speedup_vs_best_single", "speedup_vs_best_single_low", "speedup_vs_best_single_high")
+def _versus_single(members: Sequence[dict[str, Any]], single: Sequence[dict[str, Any]] | None,
+                   time: str = "time_to_target_s",
+                   name: str = "speedup_vs_best_single") -> dict[str, float | None]:
+    """``name`` (the speed-up in ``time``, to the target or the lower target) with its
+    bootstrap interval, ``name``_low and _high (None where undefined: no single worker reached
+    the target, or this row's median never did)."""
+    keys = (name, f"{name}_low", f"{name}_high")
     if single is None:
         return dict.fromkeys(keys)
-    times = [[math.inf if r["time_to_target_s"] is None else r["time_to_target_s"] for r in group]
+    times = [[math.inf if r.get(time) is None else r[time] for r in group]
              for group in (single, members)]
     point, low, high = bootstrap_ratio(times[0], times[1])
     return {keys[0]: point or None, keys[1]: _finite(low), keys[2]: _finite(high)}

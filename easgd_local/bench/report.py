@@ -88,8 +88,10 @@ def markdown_table(bench: dict[str, Any]) -> str:
     rows, repeats = shown_rows(bench), bench.get("repeats", 1)
     spread = f", median [min, max] of {repeats}" if repeats > 1 else ""
     lower = bench.get("lower_target")
-    header = ["#", "algo", "p", "tau", "lr",
+    # The grid's step: the momentum algorithms run at lr * (1 - momentum) (the lr train prints).
+    header = ["#", "algo", "p", "tau", "step",
               "speed-up vs best single" + (" [90% interval]" if repeats > 1 else ""),
+              *([f"speed-up at {pct(lower)}"] if lower else []),
               f"time to {pct(bench['target_accuracy'])} (s){spread}",
               *([f"time to {pct(lower)} (s)"] if lower else []), "speed-up vs sgd",
               "samples/s", "efficiency", "exchange time", "bytes/sample", "final accuracy",
@@ -100,6 +102,7 @@ def markdown_table(bench: dict[str, Any]) -> str:
     for i, r in enumerate(rows, 1):
         cells = [str(i), r["algo"], str(r["workers"]), _fmt(r["tau"], "d"), f"{r['lr']:g}",
                  _with_interval(r, "speedup_vs_best_single"),
+                 *([_with_interval(r, "speedup_lower_vs_best_single")] if lower else []),
                  _with_spread(r, "time_to_target_s", ".1f", none="not reached"),
                  *([_with_spread(r, "time_to_lower_s", ".1f", none="not reached")] if lower else []),
                  _with_spread(r, "speedup_vs_sgd", ".2f", "x"),

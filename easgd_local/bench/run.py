@@ -73,8 +73,6 @@ def run_bench(options: BenchOptions,
     for note in write_outputs(out, bench, plot=True):
         log.info(note)
         on_note(note)
-    on_note(f"the bench took {bench.get('wall_seconds', 0) / 60:.1f} min of wall time "
-            f"({len(specs)} runs)")
     return bench
 
 

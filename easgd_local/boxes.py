@@ -3,9 +3,10 @@
 A run talks to this level only through the BoxLevel protocol: ``start`` (agree on the root),
 ``round`` (a round between boxes when one is due), ``all_done``, ``reported`` (the model the
 level reports, if it has one), ``checkpoint_part`` (what a checkpoint keeps of it), ``totals``
-(the summary's figures of every box), ``checkpoint_dir`` and ``close``. OneBox does nothing at
-every step; Boxes drives this box's side of the rounds (multinode.BoxLink) and turns the
-failure of another box into a TrainError of one line.
+(the summary's figures of every box), ``boxes`` (how many), ``evaluates`` (whether this box
+evaluates the job's model while it trains: box 0 alone), ``checkpoint_dir`` and ``close``.
+OneBox does nothing at every step; Boxes drives this box's side of the rounds
+(multinode.BoxLink) and turns the failure of another box into a TrainError of one line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .center import Diverged
 from .config import TrainConfig
 from .control import EXCHANGES, WorkerChannels
 from .reporting import TrainError, one_line
@@ -25,12 +27,12 @@ from .shared import LockTimeout
 
 log = logging.getLogger(__name__)
 
-NEVER = 1e9  # seconds: an --eval-every that never comes during a run
-
 
 class BoxLevel(Protocol):
     restarted: bool  # this start of the job follows a failure: it resumes its own checkpoint
     all_done: bool  # every box has finished training
+    boxes: int  # the boxes of the job (the children of the level of the boxes)
+    evaluates: bool  # this box evaluates the job's model while it trains
 
     def checkpoint_dir(self, out: Path) -> Path: ...
     def start(self, ch: WorkerChannels, resume: dict[str, Any] | None, where: Path) -> None: ...
@@ -47,6 +49,8 @@ class OneBox:
 
     restarted = False
     all_done = True
+    boxes = 1
+    evaluates = True
 
     def checkpoint_dir(self, out: Path) -> Path:
         return out
@@ -87,6 +91,16 @@ class Boxes:
     def all_done(self) -> bool:
         return self.link.all_done
 
+    @property
+    def boxes(self) -> int:
+        return self.link.world
+
+    @property
+    def evaluates(self) -> bool:
+        """Box 0 evaluates the job's model during training; the others train (each still
+        evaluates the final model)."""
+        return self.link.rank == 0
+
     def checkpoint_dir(self, out: Path) -> Path:
         """Box 0 keeps its checkpoints under box-0/ (the job's results are at the top)."""
         from .multinode import box_dir
@@ -121,6 +135,9 @@ class Boxes:
             link.round(self.center(), exchanges, done)
         except LockTimeout:
             raise
+        except Diverged:
+            raise TrainError(f"box {link.rank}: its center is not finite, it cannot join the "
+                             f"rounds between boxes; checkpoint in {self.where}") from None
         except Exception as e:  # a box died: gloo's error, or the timeout
             raise TrainError(f"box {link.rank}: the exchange between boxes failed "
                              f"({one_line(e, 200)}); another box is gone; checkpoint in "
@@ -177,10 +194,9 @@ def join(config: TrainConfig,
     root = Path(config.out)
     config.rank_offset = link.rank * config.workers
     # Box 0 writes the job's results (the mean's metrics, center.pt, summary.json) at the top;
-    # every box keeps its own state (checkpoints, its configuration) under box-k/.
+    # every box keeps its own state (checkpoints, its configuration) under box-k/. Box 0 alone
+    # evaluates during training (Boxes.evaluates).
     config.out = root if link.rank == 0 else box_dir(root, link.rank)
-    if link.rank > 0:  # box 0 evaluates the job's model during training; the others train
-        config.eval_every = NEVER
     boxes = Boxes(link, config)
     if resume is None and link.restarted:  # torchrun started the job again: go on from here
         try:

@@ -1,4 +1,4 @@
-"""A worker's link to shared tensors, and the center of EASGD and DOWNPOUR on top of it.
+"""A worker's link to shared tensors, and a center variable on top of it.
 
 :class:`Link` moves one shared entry (see shared.py) between the CPU's shared pages and a
 worker's device. Workers on CUDA page-lock the shared pages in place with
@@ -6,9 +6,11 @@ worker's device. Workers on CUDA page-lock the shared pages in place with
 other processes do not see. With the pages registered, copies between an entry and a GPU are
 DMA transfers that run asynchronously on the worker's stream.
 
-:class:`SharedCenter` is a center variable with the master-side state that is written with it
-(DOWNPOUR's momentum and running average), as entries of a SharedState under one lock.
-:class:`CenterLink` is a worker's side of the elastic exchange and of DOWNPOUR's push and pull.
+:class:`SharedCenter` is a center variable and its update clock, entries of a SharedState under
+one lock; an algorithm adds the state it writes with it beside it (DOWNPOUR's master momentum
+and running average: algorithms/downpour.py). :class:`CenterLink` is a worker's side of the
+elastic exchange, in two parts (the difference, then the moves) so that a synchronous
+algorithm can wait for the others in between (algorithms/sync.py).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 from torch import Tensor
 
 from . import rules
-from .shared import ProcessLock, SharedState, SharedTensor, crash_signal, crash_halfway
+from .shared import ProcessLock, SharedState, SharedTensor
 
-__all__ = ["CenterLink", "Diverged", "Link", "ProcessLock", "SharedCenter", "page_lock"]
+__all__ = ["CenterLink", "Diverged", "Link", "ProcessLock", "SharedCenter", "finite", "page_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -37,48 +39,32 @@ class SharedCenter:
 
     Its entries, in a SharedState (its own, or the algorithm's, under ``name``): the center
     ``name`` (in ``stripes`` stripes, each with its own lock, for the elastic exchange's
-    additions: see shared.SharedTensor); for MDOWNPOUR ``name.velocity`` (Nesterov momentum on
-    the master, over the parameters only); for ADOWNPOUR / MVADOWNPOUR ``name.average`` (a
-    running average of the center); and ``name.clock`` (updates so far), all written together
-    under the center's lock.
+    additions: see shared.SharedTensor) and ``name.clock`` (updates so far, written under the
+    center's lock). An algorithm that writes more with the center adds it beside it, under the
+    same lock (``state.add(f"{name}.average", ..., lock=name)``).
     ``n_params``: the first entries of the center are parameters, the rest float buffers
-    (batch-norm statistics), which a push replaces instead of adding to.
+    (batch-norm statistics); by default every entry is a parameter.
     """
 
-    def __init__(self, init: Tensor | None = None, lock: bool = True, *, momentum: float = 0.0,
-                 average: bool = False, n_params: int | None = None,
-                 state: SharedState | None = None, name: str = "center", stripes: int = 1):
+    def __init__(self, init: Tensor | None = None, lock: bool = True, *,
+                 n_params: int | None = None, state: SharedState | None = None,
+                 name: str = "center", stripes: int = 1):
         self.state = state if state is not None else SharedState(locked=lock)
-        self.name, self.momentum = name, momentum
+        self.name = name
         if init is not None:  # allocate; otherwise a view of entries that exist
-            entry = self.state.add(name, init, stripes=stripes)
-            n = entry.numel if n_params is None else n_params
-            if momentum:
-                self.state.add(f"{name}.velocity", torch.zeros(n), lock=name)
-            if average:
-                self.state.add(f"{name}.average", entry.data, lock=name)
+            self.state.add(name, init, stripes=stripes)
             self.state.add(f"{name}.clock", torch.zeros(1), lock=name, dtype=torch.int64)
         self.entry = self.state[name]
-        if n_params is None:  # a view: the master momentum, where there is one, knows it
-            velocity = self.velocity
-            n_params = self.entry.numel if velocity is None else velocity.numel()
-        self.n_params = n_params
+        self.n_params = self.entry.numel if n_params is None else n_params
 
-    def _optional(self, suffix: str) -> Tensor | None:
+    def beside(self, suffix: str) -> Tensor | None:
+        """The entry ``name.suffix`` an algorithm keeps beside the center, or None."""
         key = f"{self.name}.{suffix}"
         return self.state[key].data if key in self.state else None
 
     @property
     def data(self) -> Tensor:
         return self.entry.data
-
-    @property
-    def velocity(self) -> Tensor | None:
-        return self._optional("velocity")
-
-    @property
-    def average(self) -> Tensor | None:
-        return self._optional("average")
 
     @property
     def clock(self) -> Tensor:
@@ -115,33 +101,6 @@ class SharedCenter:
     def snapshot(self) -> Tensor:
         """A consistent copy of the center (taken under the lock, so no half-applied update)."""
         return self.entry.snapshot()
-
-    def reported(self) -> Tensor:
-        """A copy of the model the algorithm reports: the running average where there is one;
-        with master momentum the iterate x = center - delta*v (the center is the look-ahead)."""
-        with self.guard():
-            if self.average is not None:
-                return self.average.clone()
-            x = self.data.clone()
-            if self.velocity is not None:
-                x[: self.n_params].sub_(self.velocity, alpha=self.momentum)
-            return x
-
-    def push_(self, u: Tensor, average_rate: float | None = None) -> None:
-        """The master's side of a DOWNPOUR push, atomically (rules.downpour_push_): ``u`` holds
-        the accumulated update of the parameters, then the pushing worker's own float buffers.
-        Then the running average (rules.running_average_), with a = average_rate, or
-        a = 1/(t+1) at the t-th update when average_rate is None (z = mean of all centers)."""
-        data, average = self.data, self.average
-        with self.guard():
-            if self.crash_in_lock:
-                crash_halfway(data, u, crash_signal(self.crash_in_lock))
-            rules.downpour_push_(data, u, self.n_params, velocity=self.velocity,
-                                 momentum=self.momentum)
-            self.clock.add_(1)
-            if average is not None:
-                a = average_rate if average_rate is not None else 1.0 / (int(self.clock) + 1)
-                rules.running_average_(average, data, a)
 
 
 def page_lock(t: Tensor) -> bool:
@@ -262,49 +221,46 @@ class Link:
         self.entry.copy_(self.to_host(y))
 
 
+def finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (one synchronization on a GPU)."""
+    return bool(torch.isfinite(t).all())
+
+
 class CenterLink(Link):
-    """A worker's side of the elastic exchange and of DOWNPOUR's push and pull."""
+    """A worker's side of the elastic exchange with a :class:`SharedCenter`, whole
+    (:meth:`exchange`) or in its two parts (:meth:`difference`, then :meth:`move_`)."""
 
     def __init__(self, center: SharedCenter, device: torch.device | str):
         super().__init__(center.entry, device)
         self.center = center
 
-    def _center_here(self) -> Tensor:
-        return self.read()
-
     @torch.no_grad()
     def exchange(self, y: Tensor, alpha: float, v: Tensor | None = None, momentum: float = 0.0,
-                 barrier: Any = None, under_lock: Any = None) -> Any:
+                 under_lock: Any = None) -> Any:
         """Elastic exchange: d = alpha (x - center); y -= d; center += d.
 
-        With ``barrier`` (synchronous EASGD) every worker has read the center before any
-        worker adds to it: all differences are taken from the same center. ``under_lock`` runs
-        while the center's lock is held for the addition; its result is returned.
-        """
-        d = rules.elastic_difference(y, self.read(), alpha, v=v, momentum=momentum, out=self.d)
-        host = self.to_host(d)
-        finite = bool(torch.isfinite(host).all())
-        if barrier is not None:
-            barrier.wait()  # passed even when not finite: the others are waiting
-        if not finite:
+        ``under_lock`` runs while the center's lock is held for the addition; its result is
+        returned. Nothing moves when d is not finite (Diverged)."""
+        host = self.difference(y, alpha, v=v, momentum=momentum)
+        if not finite(host):
             raise Diverged("non-finite elastic difference")
-        y.sub_(d)
+        return self.move_(y, host, under_lock)
+
+    @torch.no_grad()
+    def difference(self, y: Tensor, alpha: float, v: Tensor | None = None,
+                   momentum: float = 0.0) -> Tensor:
+        """The exchange's first part: d = alpha (x - center) from a read of the center without
+        the lock (as in the paper), into ``self.d``; returns d where the CPU can add it
+        (``to_host``). Nothing has moved yet."""
+        d = rules.elastic_difference(y, self.read(), alpha, v=v, momentum=momentum, out=self.d)
+        return self.to_host(d)
+
+    @torch.no_grad()
+    def move_(self, y: Tensor, host: Tensor, under_lock: Any = None) -> Any:
+        """The exchange's second part, for a finite d from :meth:`difference`: y -= d;
+        center += d under the lock (``under_lock`` in the same critical section, its result
+        returned); counted as one exchange."""
+        y.sub_(self.d)
         result = self.center.add_(host, under_lock)
         self.count()
         return result
-
-    @torch.no_grad()
-    def push_pull(self, y: Tensor, y_pulled: Tensor, average_rate: float | None = None) -> None:
-        """DOWNPOUR: push u = y - y_pulled (the local updates of the parameters since the last
-        pull, then the worker's buffers as they are) to the master, then pull the center:
-        y = y_pulled = center."""
-        n = self.center.n_params
-        torch.sub(y[:n], y_pulled[:n], out=self.d[:n])
-        self.d[n:].copy_(y[n:])
-        host = self.to_host(self.d)
-        if not bool(torch.isfinite(host).all()):
-            raise Diverged("non-finite update")
-        self.center.push_(host, average_rate)
-        y.copy_(self.center.data, non_blocking=True)
-        y_pulled.copy_(y)
-        self.count()

@@ -6,21 +6,24 @@ Launched by PyTorch's own engine, one launcher process per box::
         -m easgd_local train --multi-node --box-tau 4 --box-beta 0.9 ...
 
 Inside a box nothing changes: its workers, their shared-memory center and its lock. Between
-boxes, synchronous EASGD with the box centers c_k as the children of a root r (rules.elastic_round):
-every ``--box-tau`` exchanges of a box's center (counted in that box), its launcher joins a
-round in which, from the same pre-round values::
+boxes, the top level of the hierarchy of centers (hierarchy.py): the box centers c_k are the
+children of a root r replicated on every box, tied by synchronous EASGD. Every ``--box-tau``
+exchanges of a box's center (counted in that box), its launcher joins a round
+(``hierarchy.tie_replicated``) in which, from the same pre-round values::
 
-    c_k <- c_k - alpha_root * (c_k - r)            for every box k
-    r   <- r + beta_root * (mean_k c_k - r)        beta_root = K * alpha_root (--box-beta)
+    d_k  = alpha_root * (c_k - r)                  alpha_root = --box-beta / K
+    c_k <- c_k - d_k                               for every box k
+    r   <- r + sum_k d_k = r + beta_root * (mean_k c_k - r)     (rules.elastic_round)
 
-with the mean from one all-reduce (gloo on CPU tensors; NCCL from a GPU copy where the boxes
-have GPUs). The root is a persistent variable replicated on every box: box 0 broadcasts its
-initial value at the start (its initial center, or the root of its checkpoint after a restart),
-and since every box sees the same all-reduce, every replica takes the same steps. Rounds are
-collective, so they are synchronous between boxes; inside each box everything stays
-asynchronous. The exchange happens in the launcher process: the center is copied under its lock,
-the all-reduce runs without it (the box's workers never wait for the network, only the launcher
-does), and the move is added under the lock again, as an exchange is. A box that has finished
+with the sum of the d_k (and of the boxes' done flags) from one all-reduce (gloo on CPU
+tensors; NCCL from a GPU copy where the boxes have GPUs). The root is a persistent variable
+replicated on every box: box 0 broadcasts its initial value at the start (its initial center,
+or the root of its checkpoint after a restart), and since every box sees the same all-reduce,
+every replica takes the same steps. Rounds are collective, so they are synchronous between
+boxes; inside each box everything stays asynchronous. The exchange happens in the launcher
+process: the center is copied under its lock, the all-reduce runs without it (the box's
+workers never wait for the network, only the launcher does), and the move is added under the
+lock again, as an exchange is. A box that has finished
 training keeps joining rounds (flagged as done) until every box is done; the root after the
 last round is the model reported, evaluated and saved by rank 0.
 
@@ -44,8 +47,8 @@ from typing import Any
 
 import torch
 
-from . import rules
 from .config import ConfigError, TrainConfig
+from .hierarchy import Level, hierarchy_of, tie_replicated
 from .settings import declarations
 
 log = logging.getLogger(__name__)
@@ -120,8 +123,8 @@ class BoxLink:
 
     rank: int
     world: int
-    tau: int  # --box-tau: exchanges of this box's center between two rounds
-    alpha_root: float  # --box-beta / boxes
+    level: Level  # the boxes' level: period --box-tau (exchanges of this box's center between
+    # two rounds), alpha --box-beta / boxes
     timeout: float
     rounds: int = 0
     last_exchanges: float = 0.0
@@ -134,6 +137,14 @@ class BoxLink:
     restarted: bool = False  # this start of the job follows a failure: every box resumes
     store: Any = None  # box 0 serves it for this start of the job
     agent: int = field(default_factory=os.getppid)  # torchrun's agent, our parent
+
+    @property
+    def tau(self) -> int:
+        return self.level.period
+
+    @property
+    def alpha_root(self) -> float:
+        return self.level.alpha
 
     def orphaned(self) -> bool:
         """torchrun's agent is gone (killed): this box must not go on training on its own."""
@@ -168,7 +179,7 @@ class BoxLink:
             raise ConfigError(f"the boxes disagree on the job (box {differ[0]}'s configuration "
                               "differs from box 0's: algorithm, model, data set, workers per box, "
                               "rates, ...); start every box with the same options")
-        link = cls(rank, world, config.box_tau, config.box_beta / world, timeout)
+        link = cls(rank, world, hierarchy_of(config, boxes=world).level("boxes"), timeout)
         link.backend, link.store, link.restarted = backend, store, max(counts) > 0
         return link
 
@@ -199,18 +210,16 @@ class BoxLink:
         assert self.root is not None, "start_root() first"
         t0 = time.perf_counter()
         snap = center.snapshot()  # under the lock, a copy
-        n = snap.numel()
-        buf = torch.cat([snap, torch.tensor([1.0 if done else 0.0])])  # float32, + the done flag
-        buf = self._collective(dist.all_reduce, buf)
-        self.all_done = int(round(float(buf[n]))) == self.world
-        d, root = rules.elastic_round(snap, self.root, buf[:n] / self.world, self.alpha_root,
-                                      self.world)
+        d, root, (done_boxes,) = tie_replicated(
+            snap, self.root, self.level.alpha, lambda t: self._collective(dist.all_reduce, t),
+            flags=(1.0 if done else 0.0,))
+        self.all_done = int(round(done_boxes)) == self.world
         held = time.perf_counter()
         center.add_(d.neg_())  # c_k -= alpha_root (c_k - r), an addition as an exchange is
         self.lock_seconds.append(time.perf_counter() - held)
         self.root = root
-        # Ring all-reduce: each box sends and receives 2 (W-1)/W of the buffer.
-        self.bytes += int(2 * (self.world - 1) / self.world * buf.numel() * buf.element_size())
+        # Ring all-reduce of d and the flag (float32): each box sends and receives 2 (W-1)/W of it.
+        self.bytes += int(2 * (self.world - 1) / self.world * (d.numel() + 1) * 4)
         self.rounds += 1
         self.last_exchanges = exchanges
         self.round_seconds.append(time.perf_counter() - t0)

@@ -19,6 +19,7 @@ from .boxes import BoxLevel
 from .config import TrainConfig
 from .control import BYTES, DIVERGENCES, EXCHANGE_SECONDS, EXCHANGES, STOP, WorkerChannels
 from .evaluate import EXTRA, Cancelled, EvalScheduler, Evaluator, compute_units, evaluate_record
+from .hierarchy import hierarchy_of
 from .output import RunDir
 from .reporting import Reporter, TrainError, one_line
 from .shared import LockTimeout
@@ -34,6 +35,9 @@ DIVERGENT_SHARE = 0.1
 CHANCE_MARGIN = 0.05
 # --target-hold: the least time a run trains on after it first reached its target.
 MIN_HOLD_SECONDS = 3.0
+# Seconds: the spacing of evaluations during training on a box that does not evaluate then
+# (another box of the job does; boxes.BoxLevel.evaluates).
+NEVER = 1e9
 
 
 class Records:
@@ -62,11 +66,12 @@ class Records:
 
     def start_evaluations(self, eval_device: str) -> EvalScheduler:
         """The scheduler of the evaluations, and what one costs here (it sets their spacing;
-        measured while the workers start)."""
+        measured while the workers start). A box that does not evaluate during training (the
+        box level says so) spaces them beyond any run."""
         config = self.config
         self.scheduler = EvalScheduler(
             self.evaluator, self.record, deferred=config.eval_deferred,
-            every=config.eval_every, budget=config.eval_budget,
+            every=config.eval_every if self.box.evaluates else NEVER, budget=config.eval_budget,
             units=compute_units(config, eval_device), spool_dir=self.out.path / ".snapshots")
         return self.scheduler
 
@@ -157,6 +162,9 @@ class Records:
             "lr": config.lr, "batch_size": config.batch_size, "weight_decay": config.weight_decay,
             "dataset": config.dataset, "model": config.model, "image_size": self.image_size,
             "lock": config.lock,
+            # The tree of centers, bottom up: each level's children, their count per parent,
+            # period, beta, alpha and transport (hierarchy.py).
+            "hierarchy": hierarchy_of(config, boxes=self.box.boxes).describe(),
             "steps_per_worker": ch.steps.tolist(), "total_samples": samples,
             "startup_seconds": round(startup, 3), "train_seconds": round(train_seconds, 3),
             "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,

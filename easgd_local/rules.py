@@ -148,7 +148,8 @@ def elastic_round(child: Tensor, parent: Tensor, children_mean: Tensor, alpha: f
     both from the same pre-round values. The parent r is a persistent variable with its own
     rate beta; replacing it by the children's current mean (beta = 1) would be partial
     averaging, not EASGD. Returns (d_k, r'): the child applies -d_k as an addition (its own
-    exchanges go on meanwhile), and every replica of the parent becomes r'.
+    exchanges go on meanwhile), and every replica of the parent becomes r'. This is the closed
+    form, from the children's mean, of hierarchy.tie_replicated (which sums the children's d).
     """
     d = torch.sub(child, parent).mul_(alpha)
     new_parent = parent + (children_mean - parent) * (alpha * children)

@@ -1,6 +1,8 @@
 """The baselines and variants: each trains, and the equivalences the algorithms promise hold."""
 
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -8,7 +10,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from easgd_local import rules
-from easgd_local.center import SharedCenter
+from easgd_local.algorithms.base import Communicator
+from easgd_local.algorithms.downpour import Downpour, Master
+from easgd_local.center import CenterLink, Diverged, SharedCenter
 from easgd_local.config import TrainConfig
 from easgd_local.data import load_split
 from easgd_local.evaluate import Evaluator
@@ -35,24 +39,31 @@ def _center(config):
 
 # --- the master side, in one process -------------------------------------------------------
 
+def _master(init, momentum=0.0, average=False):
+    state = Master.allocate(init, True, init.numel(), momentum=momentum, average=average)
+    return Master(SharedCenter(state=state), momentum=momentum)
+
+
 def test_average_of_all_centers():
-    center = SharedCenter(torch.zeros(3), average=True)
+    center = _master(torch.zeros(3), average=True)
     seen = [center.data.clone()]
     for k in range(5):
         center.push_(torch.full((3,), float(k + 1)))
         seen.append(center.data.clone())
     torch.testing.assert_close(center.average, torch.stack(seen).mean(0))
+    torch.testing.assert_close(center.reported(), center.average)
+    assert int(center.center.clock) == 5
 
 
 def test_moving_average_rate():
-    center = SharedCenter(torch.zeros(2), average=True)
+    center = _master(torch.zeros(2), average=True)
     center.push_(torch.ones(2), average_rate=0.001)
     torch.testing.assert_close(center.average, torch.full((2,), 0.001))
 
 
 def test_master_momentum_is_nesterov_on_pushed_updates():
     """One worker pushing u = -lr g every step through master momentum = MSGD on that worker."""
-    center = SharedCenter(torch.tensor([2.0, -1.0]), momentum=0.9)
+    center = _master(torch.tensor([2.0, -1.0]), momentum=0.9)
     y = center.data.clone()
     v = torch.zeros(2)
     for _ in range(20):
@@ -62,6 +73,105 @@ def test_master_momentum_is_nesterov_on_pushed_updates():
         rules.local_step_(y, g_local, 0.1, v=v, momentum=0.9)
         torch.testing.assert_close(center.data, y)  # both hold the look-ahead point
         torch.testing.assert_close(center.reported(), rules.current_x(y, v, 0.9))
+
+
+# --- the communication period is the template's ------------------------------------------------
+
+class _Counting(Communicator):
+    def __init__(self, period):
+        self.period, self.before, self.after = period, [], []
+
+    def exchange(self, step, y, v):
+        self.before.append(step)
+        return True
+
+    def exchange_after(self, step, y, v):
+        self.after.append(step)
+
+
+@pytest.mark.parametrize("period,before,after", [
+    (3, [0, 3, 6, 9], [2, 5, 8]), (1, list(range(10)), list(range(10))), (0, [], []),
+    (None, [], [])])
+def test_the_hooks_come_on_the_period(period, before, after):
+    """exchange before the local step of steps 0, tau, 2 tau...; exchange_after once each tau
+    local steps are done; no period, no call."""
+    comm, y = _Counting(period), torch.zeros(1)
+    for step in range(10):
+        assert comm.before_step(step, y, None) is True
+        comm.after_step(step, y, None, torch.zeros(()))
+    assert (comm.before, comm.after) == (before, after)
+
+
+# --- synchronous EASGD's barriers, with threads in one process --------------------------------
+
+class _SlowRead(CenterLink):
+    """A link whose read of the center comes late: any addition let through before every
+    worker has read shows as a different center read. Its own addition comes late too: the
+    center's lock is a process's, so two threads of one process must not add at once."""
+
+    def read(self):
+        time.sleep(0.2)
+        return super().read()
+
+    def move_(self, *args, **kwargs):
+        time.sleep(0.1)
+        return super().move_(*args, **kwargs)
+
+
+def _sync_workers(xs, c0, alpha, agreed=None, slow=1):
+    """Two SyncElastic workers (tau 1) on one center, each exchanging once in its own thread;
+    worker ``slow`` reads the center late. Returns the center and each worker's outcome."""
+    from easgd_local.algorithms.sync import SyncElastic
+
+    center = SharedCenter(c0.clone())
+    barrier = threading.Barrier(len(xs), timeout=20)
+    agreed = torch.zeros(2, dtype=torch.int64) if agreed is None else agreed
+    outcome = [None] * len(xs)
+
+    def run(i):
+        link = (_SlowRead if i == slow else CenterLink)(center, torch.device("cpu"))
+        try:
+            outcome[i] = SyncElastic(link, 1, alpha, barrier, agreed).before_step(0, xs[i], None)
+        except Exception as e:  # noqa: BLE001 (reported to the test)
+            outcome[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return center, outcome
+
+
+def test_sync_exchange_reads_one_center_before_any_addition():
+    """Every worker's difference is taken from the same center c_t, even the worker that reads
+    late: the additions wait for the last read (barrier 2)."""
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(6, generator=gen) for _ in range(2)]
+    c0, alpha = torch.randn(6, generator=gen), 0.3
+    ds = [alpha * (x - c0) for x in xs]
+    want = [x - d for x, d in zip(xs, ds)]
+    center, outcome = _sync_workers(xs, c0, alpha)
+    assert outcome == [True, True]
+    for x, w in zip(xs, want):
+        torch.testing.assert_close(x, w)
+    torch.testing.assert_close(center.data, c0 + ds[0] + ds[1])
+
+
+def test_sync_stop_and_a_diverged_worker_leave_no_one_waiting():
+    """The stop decision, taken at barrier 1, moves nothing; a worker whose difference is not
+    finite still passes barrier 2 (the other is not left waiting) and adds nothing."""
+    c0 = torch.zeros(4)
+    stop = torch.tensor([1, 0])
+    xs = [torch.ones(4), torch.full((4,), 2.0)]
+    center, outcome = _sync_workers(xs, c0, 0.5, agreed=stop)
+    assert outcome == [False, False] and torch.equal(center.data, c0)
+    assert torch.equal(xs[0], torch.ones(4))
+    xs = [torch.ones(4), torch.full((4,), float("nan"))]
+    center, outcome = _sync_workers(xs, c0, 0.5, slow=0)
+    assert outcome[0] is True and isinstance(outcome[1], Diverged), outcome
+    torch.testing.assert_close(center.data, torch.full((4,), 0.5))
+    torch.testing.assert_close(xs[0], torch.full((4,), 0.5))
 
 
 # --- equivalences through the real trainer ---------------------------------------------------
@@ -145,27 +255,27 @@ def _running_var_slices(state):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo_momentum", [0.0, 0.9], ids=["downpour", "mdownpour"])
 def test_downpour_keeps_batch_norm_statistics_sane(algo_momentum):
-    """resnet18 on tiny inputs, 4 workers pushing every 10 steps in turn through the real
-    CenterLink. Running statistics pushed as deltas (with master momentum on top) drift out of
-    any worker's range and can turn a variance negative; the center must hold the pushing
-    worker's own buffers, finite, every variance positive."""
-    from easgd_local.center import CenterLink
+    """resnet18 on tiny inputs, 4 workers pushing every 5 steps in turn through the real
+    Downpour communicator. Running statistics pushed as deltas (with master momentum on top)
+    drift out of any worker's range and can turn a variance negative; the center must hold the
+    pushing worker's own buffers, finite, every variance positive."""
     from easgd_local.data import DatasetInfo
 
     torch.manual_seed(0)
     info = DatasetInfo("tiny", 10, 3, 4)
     states = [flatten_(build_model("resnet18", info)) for _ in range(4)]
     n = states[0].n_params
-    center = SharedCenter(states[0].flat.clone(), momentum=algo_momentum, n_params=n)
-    links = [CenterLink(center, torch.device("cpu")) for _ in states]
-    for st in states:
-        st.flat.copy_(center.data)
+    shared = Master.allocate(states[0].flat.clone(), True, n, momentum=algo_momentum)
+    center = SharedCenter(state=shared, n_params=n)
+    tau, rounds, pushes = 5, 6, 0
+    comms = [Downpour(CenterLink(center, torch.device("cpu")), Master(center, algo_momentum),
+                      tau, None) for _ in states]
+    for st, comm in zip(states, comms):
+        comm.start(st.flat)
         st.module.train()
-    pulled = [st.flat.clone() for st in states]
     variances = _running_var_slices(states[0])
     assert variances and n < center.numel
     gen = torch.Generator().manual_seed(1)
-    tau, rounds, pushes = 5, 6, 0
     for step in range(tau * rounds):
         for w, st in enumerate(states):
             # Inputs of a different scale per worker, so the workers' statistics differ widely.
@@ -174,9 +284,10 @@ def test_downpour_keeps_batch_norm_statistics_sane(algo_momentum):
             st.grad.zero_()
             F.cross_entropy(st.module(x), y).backward()
             rules.local_step_(st.flat, st.grad, 0.01)
+            mine = st.flat[n:].clone()
+            comms[w].after_step(step, st.flat, None, torch.zeros(()))
+            assert comms[w].exchanges == (step + 1) // tau  # a push after each tau-th step
             if (step + 1) % tau == 0:
-                mine = st.flat[n:].clone()
-                links[w].push_pull(st.flat, pulled[w])
                 pushes += 1
                 torch.testing.assert_close(center.data[n:], mine, rtol=0, atol=0)
                 assert torch.isfinite(center.data).all()

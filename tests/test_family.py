@@ -231,7 +231,7 @@ def test_lsgd_one_bad_loss_costs_one_reset():
     config, algorithm, shared, comms, ys, x0 = _communicators(
         "lsgd", 2, group_size=2, leader_window=4, tau_global=4)
     comm, y = comms[0], ys[0]
-    comm.tau = 4
+    comm.period = 4
     resets = []
     for step in range(16):
         loss = torch.tensor(float("nan") if step == 3 else 1.0 / (step + 1))

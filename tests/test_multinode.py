@@ -19,6 +19,7 @@ import torch.distributed as dist
 from easgd_local.checkpoint import Checkpointer
 from easgd_local.cli import main
 from easgd_local.config import TrainConfig
+from easgd_local.hierarchy import REPLICATED, Level
 from easgd_local.multinode import BoxLink, config_hash
 from easgd_local.shared import ProcessLock, SharedTensor
 
@@ -92,25 +93,31 @@ def test_multi_node_refuses_an_algorithm_without_a_center(capsys, tmp_path):
     assert "has none" in capsys.readouterr().err
 
 
+def _boxes_level(beta=0.9, boxes=2, tau=4):
+    return Level("boxes", "root of the boxes", boxes, tau, beta, REPLICATED)
+
+
 def test_one_round_moves_the_box_toward_the_root_and_the_root_toward_the_mean(monkeypatch):
     """Synchronous EASGD one level up, pinned on numbers exact in float32: box 0's center moves
-    toward the root, not toward the boxes' mean; the root moves toward the mean at 2 alpha."""
+    toward the root, not toward the boxes' mean; the root moves toward the mean at 2 alpha.
+    What travels is each box's move d_k = alpha (c_k - r) and its done flag."""
     c0 = torch.tensor([1.0, -2.0, 4.0, 0.5, 8.0])
     c1 = torch.tensor([3.0, 0.0, -4.0, 2.5, 8.0])  # the other box's center
     r = torch.tensor([0.0, 1.0, 2.0, -1.0, 6.0])
     alpha = 0.25
     seen = []
 
-    def other_box(t, **kwargs):  # the all-reduce adds box 1's center and its done flag
+    def other_box(t, **kwargs):  # the all-reduce adds box 1's move and its done flag
         seen.append(t.clone())
-        t.add_(torch.cat([c1, torch.tensor([1.0])]))
+        t.add_(torch.cat([alpha * (c1 - r), torch.tensor([1.0])]))
 
     monkeypatch.setattr(dist, "all_reduce", other_box)
     center = SharedTensor(c0, ProcessLock())
-    link = BoxLink(rank=0, world=2, tau=4, alpha_root=alpha, timeout=1.0, root=r.clone())
+    link = BoxLink(rank=0, world=2, level=_boxes_level(beta=2 * alpha), timeout=1.0,
+                   root=r.clone())
     try:
         link.round(center, exchanges=4.0, done=True)
-        assert torch.equal(seen[0], torch.cat([c0, torch.tensor([1.0])]))
+        assert torch.equal(seen[0], torch.cat([alpha * (c0 - r), torch.tensor([1.0])]))
         assert torch.equal(center.data, c0 - alpha * (c0 - r))
         assert torch.equal(link.root, r + 2 * alpha * ((c0 + c1) / 2 - r))
         assert link.all_done and link.rounds == 1 and link.last_exchanges == 4.0
@@ -129,16 +136,16 @@ def test_the_root_is_box_0s_and_comes_back_from_a_checkpoint(monkeypatch):
         t.copy_(box0)
 
     monkeypatch.setattr(dist, "broadcast", from_box_0)
-    link = BoxLink(rank=1, world=2, tau=4, alpha_root=0.45, timeout=1.0)
+    link = BoxLink(rank=1, world=2, level=_boxes_level(), timeout=1.0)
     link.start_root(torch.tensor([1.0, 2.0]), None)
     assert torch.equal(link.root, box0) and link.rounds == 0
     # After a restart box 1 has a root of its own, saved at another round: box 0's wins.
-    link = BoxLink(rank=1, world=2, tau=4, alpha_root=0.45, timeout=1.0)
+    link = BoxLink(rank=1, world=2, level=_boxes_level(), timeout=1.0)
     link.start_root(torch.tensor([1.0, 2.0]), {"root": torch.tensor([3.0, 4.0]), "rounds": 9})
     assert torch.equal(link.root, box0) and link.rounds == 9
     saved = {"root": torch.tensor([7.0, 8.0]), "rounds": 12}
     monkeypatch.setattr(dist, "broadcast", lambda t, src: calls.append(src))  # we are box 0
-    link = BoxLink(rank=0, world=2, tau=4, alpha_root=0.45, timeout=1.0)
+    link = BoxLink(rank=0, world=2, level=_boxes_level(), timeout=1.0)
     link.start_root(torch.tensor([1.0, 2.0]), saved)
     assert torch.equal(link.root, saved["root"]) and link.rounds == 12 and calls == [0, 0, 0]
 
@@ -216,6 +223,16 @@ def test_two_boxes_train_to_97_and_agree(tmp_path):
     assert summary["root_rounds"] > 10 and summary["bytes_between_boxes"] > 0
     assert summary["total_samples_all_boxes"] == 2 * summary["total_samples"]
     assert summary["box_tau"] == 4 and summary["alpha_root"] == pytest.approx(0.9 / 2)
+    # The tree of centers as data: each box's worker tied to its center, the centers to the root.
+    levels = [(lv["children"], lv["count"], lv["period"], lv["transport"])
+              for lv in summary["hierarchy"]]
+    assert levels == [("workers", 1, summary["tau"], "shared"), ("boxes", 2, 4, "replicated")]
+    assert summary["hierarchy"][1]["alpha"] == pytest.approx(0.9 / 2)
+    # Box 0 alone evaluates while training; box 1's configuration is its own, unchanged.
+    box1 = json.loads((out / "box-1" / "summary.json").read_text())
+    assert summary["eval_snapshots"] > 0 and box1["eval_snapshots"] == 0
+    config1 = json.loads((out / "box-1" / "config.json").read_text())
+    assert config1["eval_every"] is None
     # The box centers, tied elastically to the root, end close to each other. The root is
     # replicated: both boxes end after the same last round with the same root, and that root is
     # the model reported (center.pt), not the mean of the centers.

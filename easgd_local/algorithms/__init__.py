@@ -6,11 +6,12 @@ from __future__ import annotations
 from .base import Algorithm, Communicator, Option, WorkerContext
 from .ddp import DDP
 from .downpour import ADOWNPOUR, DOWNPOUR, MDOWNPOUR, MVADOWNPOUR
-from .elastic import EAMSGD, EASGD, SyncEASGD
+from .elastic import EAMSGD, EASGD
 from .gossip import ElasticGossip, GossipSGD
 from .hogwild import Hogwild
 from .leader import LSGD
 from .reference import MSGD, SGD
+from .sync import SyncEASGD
 from .tree import EASGDTree
 
 __all__ = ["ALGORITHMS", "Algorithm", "Communicator", "Option", "WorkerContext", "get",

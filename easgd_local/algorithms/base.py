@@ -7,6 +7,9 @@
 
       gradient at y  ->  comm.before_step(step)  ->  local step  ->  comm.after_step(step)
 
+  and the communicator's period (its tau) decides at which steps these call its hooks
+  (:class:`Communicator`), so that no algorithm tests the step itself.
+
 - **The model it reports** (:meth:`Algorithm.reported`), which the main process evaluates
   and saves.
 - **Its part of a checkpoint** (:meth:`Algorithm.state_dict`, :meth:`load_state_dict`).
@@ -135,11 +138,27 @@ class WorkerContext:
 class Communicator:
     """A worker's side of an algorithm. The base does no communication.
 
-    Asynchronous algorithms leave stopping to each worker (it reads the STOP flag); synchronous
-    ones decide together at a barrier (``before_step`` returns False).
+    The communication period is the template's: the worker calls ``before_step`` and
+    ``after_step`` at every step, and they call the algorithm's hooks only on its schedule,
+    every ``period`` steps (1: every step; 0 or None: never):
+
+    - :meth:`exchange` before the local step of every step t with t % period == 0 (steps 0,
+      tau, 2 tau, ...: the exchange of EASGD's Algorithm 1);
+    - :meth:`exchange_after` after the local step of every step t with (t + 1) % period == 0,
+      once each period of local steps is complete (DOWNPOUR's push).
+
+    An algorithm whose schedule is not a fixed period overrides ``before_step`` or
+    ``after_step`` itself, and says so. Asynchronous algorithms leave stopping to each worker
+    (it reads the STOP flag); synchronous ones decide together at a barrier (``exchange``
+    returns False).
     """
 
     seconds = 0.0  # time spent communicating
+    period: int | None = None  # steps between two of the hooks' calls (tau)
+
+    def due(self, step: int) -> bool:
+        """Whether the period comes round at ``step`` (step % period == 0; never without one)."""
+        return bool(self.period) and step % self.period == 0
 
     def start(self, y: "Tensor") -> None:
         """Set y to the point the worker starts from (a fresh start, or a restart)."""
@@ -149,11 +168,25 @@ class Communicator:
         return model
 
     def before_step(self, step: int, y: "Tensor", v: "Tensor | None") -> bool:
-        """After the gradient, before the local step. False: the workers agreed to stop."""
+        """After the gradient, before the local step: :meth:`exchange` when the period comes
+        round. False: the workers agreed to stop."""
+        if self.due(step):
+            return self.exchange(step, y, v)
         return True
 
     def after_step(self, step: int, y: "Tensor", v: "Tensor | None", loss: "Tensor") -> None:
-        """After the local step; ``loss`` is this step's mini-batch loss (a 0-d tensor)."""
+        """After the local step; ``loss`` is this step's mini-batch loss (a 0-d tensor):
+        :meth:`exchange_after` when a period of local steps is complete."""
+        if self.due(step + 1):
+            self.exchange_after(step, y, v)
+
+    def exchange(self, step: int, y: "Tensor", v: "Tensor | None") -> bool:
+        """The hook before the local step, every ``period`` steps. False: the workers agreed
+        to stop (synchronous algorithms); True: go on."""
+        return True
+
+    def exchange_after(self, step: int, y: "Tensor", v: "Tensor | None") -> None:
+        """The hook after the local step, once every ``period`` local steps."""
 
     def finish(self, y: "Tensor", v: "Tensor | None") -> None:
         """Training is over for this worker: hand over what is pending."""
@@ -188,7 +221,6 @@ class Communicator:
             self.seconds += time.perf_counter() - t
 
 
-
 class LinkCommunicator(Communicator):
     """A communicator over one link to shared state (``self.link``, a ``center.CenterLink``):
     its release and its counts are the link's."""
@@ -205,6 +237,7 @@ class LinkCommunicator(Communicator):
     @property
     def bytes(self) -> int:
         return self.link.bytes
+
 
 class Algorithm:
     """One algorithm of the registry. Subclasses set the class attributes and override what

@@ -30,9 +30,10 @@ def free_loopback_port() -> int:
 
 
 class DDPSync(Publisher):
-    """DDP: gradients are all-reduced inside backward; every tau steps the ranks meet at a
-    barrier (barrier.py) to agree on stopping (an all-reduce that one rank skips would hang the
-    others), and rank 0 publishes the model, which is the same on every rank."""
+    """DDP: gradients are all-reduced inside backward; every tau steps (the template's period)
+    the ranks meet at a barrier (barrier.py) to agree on stopping (an all-reduce that one rank
+    skips would hang the others), and rank 0 publishes the model, which is the same on every
+    rank (Publisher's ``exchange_after``)."""
 
     def __init__(self, ctx: WorkerContext, port: int):
         config, ch = ctx.config, ctx.channels
@@ -86,12 +87,15 @@ class DDPSync(Publisher):
         ddp_model.register_comm_hook(None, hook)
 
     def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        """Every step: one all-reduce done (counted); then the template's period."""
         self.steps += 1
         self.barrier.mark(False)  # backward has returned: every all-reduce is done
-        if step % self.tau == 0:
-            self.barrier.wait()
-            return not self.agreed[control.AGREED_STOP]
-        return True
+        return super().before_step(step, y, v)
+
+    def exchange(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        """The stop decision, taken together at the barrier."""
+        self.barrier.wait()
+        return not self.agreed[control.AGREED_STOP]
 
     def close(self) -> None:
         super().close()

@@ -1,5 +1,5 @@
-"""EASGD and EAMSGD (Zhang, Choromanska and LeCun, 2015): Algorithms 1 and 2, and the
-synchronous EASGD of the same paper. The update rules are in rules.py."""
+"""EASGD and EAMSGD (Zhang, Choromanska and LeCun, 2015): Algorithms 1 and 2. The update rules
+are in rules.py; the synchronous EASGD of the same paper is in sync.py."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-    from .. import center, control, rules
+    from .. import center, rules
     from ..center import CenterLink
     from ..shared import SharedState
 else:  # loaded when a run starts (base.py)
-    torch, center, control, rules = deferred("torch", "..center", "..control", "..rules",
-                                             package=__package__)
+    torch, center, rules = deferred("torch", "..center", "..rules", package=__package__)
 
 
 WEIGHTING = Option("weighting", str, "Moving rate per exchange: none (the paper's, fixed) or "
@@ -75,7 +74,7 @@ class Elastic(LinkCommunicator):
 
     def __init__(self, link: CenterLink, tau: int, alpha: float, momentum: float,
                  weighting: DynamicWeighting | None = None):
-        self.link, self.tau, self.alpha, self.momentum = link, tau, alpha, momentum
+        self.link, self.period, self.alpha, self.momentum = link, tau, alpha, momentum
         self.weighting = weighting
 
     def start(self, y: Tensor) -> None:
@@ -83,38 +82,12 @@ class Elastic(LinkCommunicator):
         if self.weighting is not None:
             self.weighting.rejoin()
 
-    def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
-        if step % self.tau == 0:
-            w = self.weighting
-            alpha = self.alpha if w is None else w.rate()
-            self.timed(self.link.exchange, y, alpha, v=v, momentum=self.momentum,
-                       under_lock=None if w is None else w.record)
-        return True
-
-
-class SyncElastic(Elastic):
-    """Synchronous EASGD: every tau steps all workers and the center move from the same values.
-
-    Barrier 1: every worker holds its gradient at x_t and nobody has touched the center, so all
-    read the same center c_t. Barrier 2: every worker has read c_t, so the additions may start.
-    The next read comes after the next barrier 1, which no worker passes before all additions
-    are done. The stop decision is taken at barrier 1, the same for everyone.
-    """
-
-    def __init__(self, link: CenterLink, tau: int, alpha: float, barrier: Any, agreed: Tensor):
-        super().__init__(link, tau, alpha, 0.0)
-        self.barrier, self.agreed = barrier, agreed
-
-    def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
-        if step % self.tau:
-            return True
-        return self.timed(self._exchange, y)
-
-    def _exchange(self, y: Tensor) -> bool:
-        self.barrier.wait()
-        if self.agreed[control.AGREED_STOP]:
-            return False
-        self.link.exchange(y, self.alpha, barrier=self.barrier)
+    def exchange(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        """The elastic exchange with the center (every tau steps, after the gradient)."""
+        w = self.weighting
+        alpha = self.alpha if w is None else w.rate()
+        self.timed(self.link.exchange, y, alpha, v=v, momentum=self.momentum,
+                   under_lock=None if w is None else w.record)
         return True
 
 
@@ -136,7 +109,7 @@ class EASGD(Algorithm):
         return state
 
     def reported(self, shared: SharedState, config: Any) -> Tensor:
-        return center.SharedCenter(state=shared).reported()
+        return shared["center"].snapshot()
 
     def center_link(self, ctx: WorkerContext) -> CenterLink:
         return center.CenterLink(center.SharedCenter(state=ctx.shared, n_params=ctx.n_params),
@@ -157,16 +130,3 @@ class EAMSGD(EASGD):
     local_momentum = True
     default_step = 0.4  # lr 0.04 with momentum 0.9
 
-
-class SyncEASGD(EASGD):
-    name = "sync-easgd"
-    summary = "synchronous EASGD: all workers and the center move together"
-    synchronous = True
-    options = ()  # in lock-step there are no stragglers to weight
-
-    def validate(self, config: Any) -> None:
-        pass
-
-    def communicator(self, ctx: WorkerContext) -> Communicator:
-        c, ch = ctx.config, ctx.channels
-        return SyncElastic(self.center_link(ctx), c.tau, c.resolved_alpha, ctx.barrier(), ch.agreed)

@@ -78,7 +78,9 @@ def known_value(shared: SharedState, rank: int) -> Tensor:
 
 class Gossip(Communicator):
     """A gossiping worker (see the module doc). ``symmetric``: Elastic Gossip; otherwise
-    Gossiping SGD's pull."""
+    Gossiping SGD's pull. Its period is --gossip-period: at each, the worker takes its inbox
+    in, publishes, and draws whether it initiates an exchange and with whom (the draw is the
+    random part of its schedule, inside the period's hook)."""
 
     def __init__(self, ctx: WorkerContext, symmetric: bool, alpha: float, momentum: float):
         c, opts = ctx.config, ctx.config.resolved_options
@@ -137,9 +139,8 @@ class Gossip(Communicator):
         pick = int(torch.randint(0, self.workers - 1, (), generator=self.rng))
         return pick + (pick >= self.rank)
 
-    def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
-        if step % self.period == 0:
-            self.timed(self._gossip, y, v)
+    def exchange(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        self.timed(self._gossip, y, v)
         return True
 
     def _gossip(self, y: Tensor, v: Tensor | None) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import Algorithm, Communicator, WorkerContext, deferred
-from .downpour import Downpour
+from .downpour import Downpour, Master
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +58,8 @@ def share_flat_(module: "nn.Module", flat: "Tensor", shared: "Tensor") -> None:
 
 
 class SharedModel(Communicator):
-    """A CPU worker's side: its model is the shared model, so there is nothing to exchange."""
+    """A CPU worker's side: its model is the shared model, so there is nothing to exchange (no
+    period: the template never calls a hook)."""
 
     def __init__(self, shared: "Tensor"):
         self.shared = shared
@@ -105,5 +106,4 @@ def pushing(shared: "SharedState", n_params: int, device: Any) -> Communicator:
     """A worker that computes on a copy (on a GPU): every step's move added to the shared model,
     which is then read back; unlocked, as the shared state has no lock."""
     view = center.SharedCenter(state=shared, n_params=n_params, name=ENTRY)
-    link = center.CenterLink(view, device)
-    return Downpour(link, 1, link.d, None)
+    return Downpour(center.CenterLink(view, device), Master(view), 1, None)

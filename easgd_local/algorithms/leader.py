@@ -87,11 +87,12 @@ def published_losses(shared: SharedState, workers: int) -> list[float]:
 
 
 class LeaderPull(Communicator):
-    """An LSGD worker: publish every tau steps, then pull toward its leaders."""
+    """An LSGD worker: publish every tau steps (the template's period), then pull toward its
+    leaders; toward the global leader only at the multiples of tau_global among them."""
 
     def __init__(self, ctx: WorkerContext):
         c, opts = ctx.config, ctx.config.resolved_options
-        self.rank, self.workers, self.tau = ctx.rank, c.workers, c.tau
+        self.rank, self.workers, self.period = ctx.rank, c.workers, c.tau
         self.momentum = c.resolved_momentum
         self.lam, self.lam_global = opts["lam"], opts["lam_global"]
         self.tau_global, self.window = opts["tau_global"], opts["leader_window"]
@@ -118,12 +119,12 @@ class LeaderPull(Communicator):
         self.seen = 0
         self.start(y)
 
-    def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
-        if step % self.tau == 0:
-            self.timed(self._publish_and_pull, step, y, v)
+    def exchange(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        self.timed(self._publish_and_pull, step, y, v)
         return True
 
     def after_step(self, step: int, y: Tensor, v: Tensor | None, loss: Tensor) -> None:
+        """Every step (not on the period): the loss into the window."""
         self.recent[self.seen % self.window] = loss
         self.seen += 1
 

@@ -19,12 +19,12 @@ else:  # loaded when a run starts (base.py)
 
 
 class Publisher(Communicator):
-    """Copy the model (its iterate x, not the look-ahead) to the shared slot every tau steps
-    and at the end. Publishing for evaluation is not part of the algorithm: nothing is counted
-    as exchanged."""
+    """Copy the model (its iterate x, not the look-ahead) to the shared slot after every tau
+    local steps (the template's ``exchange_after``) and at the end. Publishing for evaluation is
+    not part of the algorithm: nothing is counted as exchanged."""
 
     def __init__(self, link: Link, tau: int, momentum: float, active: bool = True):
-        self.link, self.tau, self.momentum, self.active = link, tau, momentum, active
+        self.link, self.period, self.momentum, self.active = link, tau, momentum, active
 
     def start(self, y: Tensor) -> None:
         self.link.pull(y)  # the initial weights
@@ -33,9 +33,8 @@ class Publisher(Communicator):
         if self.active:
             self.link.publish(rules.current_x(y, v, self.momentum))
 
-    def after_step(self, step: int, y: Tensor, v: Tensor | None, loss: Tensor) -> None:
-        if (step + 1) % self.tau == 0:
-            self._publish(y, v)
+    def exchange_after(self, step: int, y: Tensor, v: Tensor | None) -> None:
+        self._publish(y, v)
 
     def finish(self, y: Tensor, v: Tensor | None) -> None:
         self._publish(y, v)

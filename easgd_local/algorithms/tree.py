@@ -3,20 +3,24 @@
 The tree of Zhang's thesis (arXiv 1605.02216) hangs workers off local centers and local centers
 off a root, each level with its own period. Its exact equations could not be recovered here, so
 this is the thesis's idea built from the paper's own exchange: **each node tied elastically to
-its parent, with its own period**.
+its parent, with its own period**. It is two levels of the hierarchy of centers
+(hierarchy.py; ``hierarchy_of`` builds them from the config):
 
-- Workers are dealt into groups of ``--group-size`` (default: one device group, groups.py).
-- Every ``--tau`` local steps a worker makes the elastic exchange of Algorithm 1 with its group's
-  center: d = alpha (x - c_g), x -= d, c_g += d, with alpha = beta / group size.
-- Every ``--tau-root`` exchanges of a group, the group's center makes the same exchange with the
-  root: d = alpha_root (c_g - root), c_g -= d, root += d, with alpha_root = beta_root / groups.
-- The model reported is the root.
+- workers -> group centers: workers are dealt into groups of ``--group-size`` (default: one
+  device group, groups.py); every ``--tau`` local steps a worker makes the elastic exchange of
+  Algorithm 1 with its group's center: d = alpha (x - c_g), x -= d, c_g += d, with
+  alpha = beta / group size.
+- groups -> root: every ``--tau-root`` exchanges of a group, the group's center makes the same
+  exchange with the root (``hierarchy.tie_shared_``): d = alpha_root (c_g - root), c_g -= d,
+  root += d, with alpha_root = beta_root / groups.
+- The model reported is the root; under ``--multi-node`` it is the box center the level of the
+  boxes ties to the other boxes' (multinode.py).
 
 Who performs the group-to-root exchange: the worker whose exchange is the group's
 tau_root-th, right after it, in its own process and on the CPU (both centers are in shared
 memory, so no device is involved). The group's exchange count is kept beside its center and
 incremented under the group's lock, so exactly one worker sees each multiple of tau_root. The
-exchange holds the group's lock, then the root's (always in that order, so two groups' root
+shared tie holds the group's lock, then the root's (always in that order, so two groups' root
 exchanges and a group's worker exchanges can never deadlock), reads both centers whole, adds d
 to the root, then subtracts it from the group center.
 
@@ -37,16 +41,15 @@ from .elastic import WEIGHTING, DynamicWeighting, add_weighting_entries, check_w
 from .groups import GROUP_SIZE, group_of, group_size
 
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
-    from .. import center, rules
+    from .. import center, hierarchy
     from .. import shared as shm
     from ..center import CenterLink
+    from ..hierarchy import Level
     from ..shared import SharedState, SharedTensor
 else:  # loaded when a run starts (base.py)
-    torch, center, rules, shm = deferred("torch", "..center", "..rules", "..shared",
-                                         package=__package__)
+    center, hierarchy, shm = deferred("..center", "..hierarchy", "..shared", package=__package__)
 
 TAU_ROOT = Option("tau_root", int, "Exchanges of a group with its center between two exchanges "
                   "of that center with the root.", default=4, bounds=">= 1")
@@ -55,32 +58,21 @@ BETA_ROOT = Option("beta_root", float, "Moving rate of the group-to-root exchang
 
 
 def root_exchange_(group: SharedTensor, root: SharedTensor, alpha_root: float) -> Tensor:
-    """The group center's elastic exchange with the root, in place in shared memory.
-
-    Locks in a fixed order, group then root. d is added to the root first, then taken from the
-    group center (see the module doc for what a crash in between leaves). Returns d."""
-    with group.guard():
-        with root.guard():
-            d = rules.elastic_difference(group.data, root.data, alpha_root)
-            if not bool(torch.isfinite(d).all()):
-                raise center.Diverged("non-finite group center")
-            if root.crash_in_lock:
-                shm.crash_halfway(root.data, d, shm.crash_signal(root.crash_in_lock))
-            root.data.add_(d)
-            group.data.sub_(d)
-    return d
+    """The group center's elastic exchange with the root, in place in shared memory: the
+    hierarchy's shared tie (group lock then root lock, d added to the root first). Returns d."""
+    return hierarchy.tie_shared_(group, root, alpha_root)
 
 
 class TreeExchange(LinkCommunicator):
-    """A worker of EASGD-Tree: exchanges with its group center, and every tau_root-th exchange
-    of its group, the group center's exchange with the root."""
+    """A worker of EASGD-Tree: exchanges with its group center every ``tau`` steps at rate
+    ``alpha``, and every ``groups.period``-th exchange of its group, the group center's tie to
+    the root on the hierarchy's level of the groups (its rate ``groups.alpha``)."""
 
     def __init__(self, link: CenterLink, count: SharedTensor, root: SharedTensor, *, tau: int,
-                 alpha: float, tau_root: int, alpha_root: float,
-                 weighting: DynamicWeighting | None = None):
+                 alpha: float, groups: Level, weighting: DynamicWeighting | None = None):
         self.link, self.count, self.root, self.weighting = link, count, root, weighting
         self.group = link.entry
-        self.tau, self.alpha, self.tau_root, self.alpha_root = tau, alpha, tau_root, alpha_root
+        self.period, self.alpha, self.groups = tau, alpha, groups
         self.root_exchanges = 0
 
     def start(self, y: Tensor) -> None:
@@ -88,24 +80,24 @@ class TreeExchange(LinkCommunicator):
         if self.weighting is not None:
             self.weighting.rejoin()
 
-    def before_step(self, step: int, y: Tensor, v: Tensor | None) -> bool:
-        if step % self.tau == 0:
-            self.timed(self._exchange, y)
+    def exchange(self, step: int, y: Tensor, v: Tensor | None) -> bool:
+        """Every tau steps (the template's period): the exchange with the group's center."""
+        self.timed(self._exchange, y)
         return True
 
     def _exchange(self, y: Tensor) -> None:
         alpha = self.alpha if self.weighting is None else self.weighting.rate()
         if self.link.exchange(y, alpha, under_lock=self._counted):
-            root_exchange_(self.group, self.root, self.alpha_root)
+            hierarchy.tie_shared_(self.group, self.root, self.groups.alpha)
             self.root_exchanges += 1
 
     def _counted(self) -> bool:
-        """Under the group's lock: count this exchange; True for the group's tau_root-th."""
+        """Under the group's lock: count this exchange; True for the group's period-th."""
         if self.weighting is not None:
             self.weighting.record()  # counts it in the same clock
         else:
             self.count.data.add_(1)
-        return int(self.count.data) % self.tau_root == 0
+        return int(self.count.data) % self.groups.period == 0
 
     @property
     def bytes(self) -> int:
@@ -155,5 +147,5 @@ class EASGDTree(Algorithm):
                                          c.resolved_alpha * size)
         return TreeExchange(center.CenterLink(group, ctx.device), ctx.shared[f"group{g}.clock"],
                             ctx.shared["root"], tau=c.tau, alpha=c.resolved_alpha,
-                            tau_root=opts["tau_root"], alpha_root=opts["alpha_root"],
+                            groups=hierarchy.hierarchy_of(c).level("groups"),
                             weighting=weighting)

@@ -235,6 +235,7 @@ def scale(
     device: Annotated[str, typer.Option(help="Where the workers' states live: cpu, or cuda[:N] for the real GPU link.")] = "cpu",
     host: Annotated[str, typer.Option(help="Without CUDA, the host's work per exchange: gpu (a GPU worker's: copies, check, locked addition) or cpu (a CPU worker's whole exchange).")] = "gpu",
     seconds: Annotated[float, typer.Option(help="The longest one point runs (shorter where cycles are short).")] = 6.0,
+    copy_gbps: Annotated[float, typer.Option(help="With --host gpu on cpu: each of an exchange's two copies lasts at least size / this bandwidth in GB/s (a host-device link slower than memory, e.g. 12 for PCIe 3.0 x16); 0: unpaced.")] = 0.0,
     quick: Annotated[bool, typer.Option(help="A small grid, for a smoke test.")] = False,
 ) -> int:
     """The shared center's lock with many workers: emulated devices (a sleep per local step,
@@ -243,7 +244,8 @@ def scale(
     from .scale_report import markdown_table
 
     options = options_from_text(out, workers, sizes, taus, steps_ms,
-                                stripes or f"1,{DEFAULT_STRIPES}", device, seconds, quick, host)
+                                stripes or f"1,{DEFAULT_STRIPES}", device, seconds, quick, host,
+                                copy_gbps)
     try:
         result = run_scale(options, on_point=lambda line: typer.echo(line, err=True))
     except ScaleError as e:

@@ -8,7 +8,10 @@ training worker (`rules.elastic_difference`, the finiteness check, the locked ad
 CUDA device the link is the real GPU one (page-locked shared pages, DMA copies). Without one,
 ``host`` chooses what the CPU does per exchange: "gpu" (:class:`HostSideLink`) does what a GPU
 worker's host side does, with the DMA copies as real copies and the device's own arithmetic
-left out; "cpu" is a CPU worker's whole exchange (the elastic difference on the host too).
+left out; "cpu" is a CPU worker's whole exchange (the elastic difference on the host too). With
+``copy_gbps`` each of the two copies of a "gpu" exchange lasts at least size / bandwidth (a
+sleep after the real copy): a host-device link slower than this machine's memory, e.g. PCIe 3.0
+x16 at about 12 GB/s, whose DMA engines take no core.
 
 :func:`serve` is the process that scale.py spawns; it runs one sweep point per request. The
 lock is watched through :class:`TimedLock`: the same descriptor and kernel lock, with a clock.
@@ -55,16 +58,26 @@ class HostSideLink(CenterLink):
     difference is the device's arithmetic: ``self.d`` holds a real difference of the model's
     size, made once, and each exchange sends it again."""
 
-    def __init__(self, center: SharedCenter):
+    def __init__(self, center: SharedCenter, copy_gbps: float = 0.0):
         super().__init__(center, "cpu")
         self.c_dev = torch.empty_like(center.data)  # the center as read onto the "device"
         self.d_host = torch.empty_like(center.data)  # the staging of the way back
         torch.sub(center.data, center.data, out=self.d).add_(1e-6)
+        # Seconds one copy lasts at least (0: as fast as this machine copies).
+        self.copy_seconds = center.data.numel() * 4 / (copy_gbps * 1e9) if copy_gbps > 0 else 0.0
+
+    def _paced_copy(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        dst.copy_(src)
+        rest = self.copy_seconds - (time.perf_counter() - started)
+        if rest > 0:
+            time.sleep(rest)  # the link is slower than memory; its DMA takes no core
+        return dst
 
     @torch.no_grad()
     def exchange(self, y: torch.Tensor, alpha: float, under_lock: Any = None, **_: Any) -> Any:
-        self.c_dev.copy_(self.entry.data)  # host -> device
-        host = self.d_host.copy_(self.d)  # device -> host
+        self._paced_copy(self.c_dev, self.entry.data)  # host -> device
+        host = self._paced_copy(self.d_host, self.d)  # device -> host
         if not bool(torch.isfinite(host).all()):
             raise Diverged("non-finite elastic difference")
         result = self.center.add_(host, under_lock)
@@ -135,6 +148,7 @@ class Point:
     alpha: float = 0.1
     host: str = "gpu"  # without CUDA: a GPU worker's host side, or a CPU worker's ("cpu")
     measure: int = 0  # > 0: this many exchanges back to back, no sleeping
+    copy_gbps: float = 0.0  # > 0: host "gpu"'s copies paced to this bandwidth (GB/s)
 
 
 def serve(rank: int, centers: dict[str, SharedCenter], device: str, conn: Any) -> None:
@@ -160,7 +174,8 @@ def run_point(rank: int, center: SharedCenter, device: str, point: Point) -> dic
     if entry.lock is not None:
         timed = entry.lock = TimedLock(entry.lock)
     cpu = not device.startswith("cuda")
-    link = HostSideLink(center) if cpu and point.host == "gpu" else CenterLink(center, device)
+    link = (HostSideLink(center, point.copy_gbps) if cpu and point.host == "gpu"
+            else CenterLink(center, device))
     try:
         # A state near the center, as a worker's would be; distinct per rank.
         y = center.snapshot().add_(1e-3 * (rank + 1)).to(device)
@@ -190,7 +205,7 @@ def _timed_run(link: CenterLink, y: torch.Tensor, timed: TimedLock | None,
     deadline = begin + point.seconds
     steps, step_s, exchange_s, held_s, waits = 0, 0.0, 0.0, 0.0, []
     while time.monotonic() < deadline:
-        if steps % point.tau == 0:  # as Elastic.before_step: the exchange, then the step
+        if steps % point.tau == 0:  # as Elastic.exchange: the exchange, then the step
             took, waited, held = _exchange(link, y, timed, point.alpha)
             exchange_s += took
             held_s += held

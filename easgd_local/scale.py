@@ -45,6 +45,7 @@ class ScaleOptions:
     seconds: float = 6.0  # the longest a point runs; shorter where cycles are short
     alpha: float = 0.1
     host: str = "gpu"  # without CUDA: a GPU worker's host side of an exchange, or "cpu"'s whole
+    copy_gbps: float = 0.0  # host "gpu": each copy paced to this bandwidth (0: unpaced)
 
 
 QUICK = {"p": [1, 2], "sizes": ["200000"], "taus": [1, 4], "steps_ms": [10.0],
@@ -62,13 +63,19 @@ def _numbers(flag: str, text: str, kind: type, low: float) -> list[Any]:
 
 
 def options_from_text(out: Path, p: str, sizes: str, taus: str, steps_ms: str, stripes: str,
-                      device: str, seconds: float, quick: bool, host: str = "gpu") -> ScaleOptions:
+                      device: str, seconds: float, quick: bool, host: str = "gpu",
+                      copy_gbps: float = 0.0) -> ScaleOptions:
     """The command line's values -> ScaleOptions; ConfigError (one line) when malformed.
     ``quick``: a small grid for tests, whatever else is given."""
     if host not in ("gpu", "cpu"):
         raise ConfigError(f"--host is gpu or cpu (got {host!r})")
+    if not (copy_gbps >= 0 and math.isfinite(copy_gbps)):
+        raise ConfigError(f"--copy-gbps must be >= 0 (got {copy_gbps:g})")
+    if copy_gbps > 0 and (host != "gpu" or device != "cpu"):
+        raise ConfigError("--copy-gbps paces the emulated copies of --host gpu on --device cpu; "
+                          "a real GPU's copies run at its own speed")
     if quick:
-        return ScaleOptions(out=out, device=device, host=host, **QUICK)
+        return ScaleOptions(out=out, device=device, host=host, copy_gbps=copy_gbps, **QUICK)
     try:
         names = [parse_size(s)[0] for s in sizes.split(",") if s.strip()]
     except ValueError as e:
@@ -83,7 +90,7 @@ def options_from_text(out: Path, p: str, sizes: str, taus: str, steps_ms: str, s
                         taus=_numbers("--taus", taus, int, 1),
                         steps_ms=_numbers("--steps-ms", steps_ms, float, 0.1),
                         stripes=_numbers("--stripes", stripes, int, 1), device=device,
-                        seconds=seconds, host=host)
+                        seconds=seconds, host=host, copy_gbps=copy_gbps)
 
 
 def point_seconds(tau: int, step: float, cap: float) -> float:
@@ -173,7 +180,7 @@ def run_scale(options: ScaleOptions, on_point: Callable[[str], None] | None = No
             step = point["step_ms"] / 1000
             got = pool.run(p, Point(size, point["stripes"], step, point["tau"], 0.0,
                                     point_seconds(point["tau"], step, options.seconds),
-                                    options.alpha, options.host))
+                                    options.alpha, options.host, copy_gbps=options.copy_gbps))
             alone = result["alone"][size]
             point.update(summarize(got, point["stripes"], step))
             point["predicted"] = predict(p, point["tau"], step, alone["exchange_seconds"],

@@ -98,7 +98,7 @@ class Pool:
     def measure(self, size: str) -> dict[str, float]:
         """The single exchange alone, on worker 0 (its device, its thread)."""
         point = Point(size, 1, 0.0, 1, 0.0, 0.0, self.options.alpha, self.options.host,
-                      measure=MEASURE_EXCHANGES)
+                      measure=MEASURE_EXCHANGES, copy_gbps=self.options.copy_gbps)
         return self.run(1, point)[0]
 
     def run(self, p: int, point: Point) -> list[dict[str, Any]]:

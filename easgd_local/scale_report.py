@@ -31,7 +31,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     load = result.get("load_average_before") or []
     after = result.get("load_average_after") or []
     opts = result["options"]
-    lines = [f"Device {opts['device']} (host side of an exchange: {opts['host']}), "
+    paced = (f", copies paced to {opts['copy_gbps']:g} GB/s" if opts.get("copy_gbps") else "")
+    lines = [f"Device {opts['device']} (host side of an exchange: {opts['host']}{paced}), "
              f"{result['cores']} cores; load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load) or '?'}"
              + (f", after {', '.join(f'{x:.2f}' for x in after)}" if after else "") + ".", ""]
     for size, alone in result["alone"].items():

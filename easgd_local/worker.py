@@ -128,6 +128,38 @@ class _Fault:
             raise RuntimeError(f"injected fault at step {step}")
 
 
+class EmulatedStep:
+    """The gradient of a worker on an emulated device (--emulate-step): a sleep of the device's
+    step time instead of the forward and backward, and a stand-in gradient so that the state
+    really moves and the exchanges carry real numbers.
+
+    The stand-in is the gradient of the quadratic 0.5 * |y - t|^2, where t is a fixed point of
+    this rank (small normal numbers, TARGET_SCALE, from a generator seeded with seed + rank: the
+    same in every incarnation of the rank, and different between ranks). Each worker is pulled
+    toward its own point and the exchanges toward the center, so the states stay apart and
+    never diverge at a learning rate below 1 (the curvature is 1); the center learns nothing.
+    The local step that follows (rules.local_step_, momentum and all) is the real one, and the
+    mini-batches are still drawn (epochs, data order and budget as in a real run), unused."""
+
+    TARGET_SCALE = 0.01
+    LOSS_SAMPLE = 4096
+
+    def __init__(self, seconds: float, seed: int, n_params: int, device: torch.device):
+        self.seconds = seconds
+        gen = torch.Generator().manual_seed(seed)
+        self.target = (torch.randn(n_params, generator=gen) * self.TARGET_SCALE).to(device)
+
+    @torch.no_grad()
+    def gradient_(self, grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sleep the step's time, write y - t into ``grad``; the quadratic's mean loss over its
+        first LOSS_SAMPLE values (a 0-d tensor, cheap whatever the model's size; leader-based
+        algorithms rank their workers by it)."""
+        time.sleep(self.seconds)
+        torch.sub(y[: grad.numel()], self.target, out=grad)
+        head = grad[: self.LOSS_SAMPLE]
+        return torch.dot(head, head) / (2 * max(1, head.numel()))
+
+
 def loss_function(config: TrainConfig) -> Any:
     """--loss (module:attr), or cross-entropy: classification is the task by default."""
     if config.loss:
@@ -158,7 +190,9 @@ class Worker:
         self.device = torch.device(config.worker_devices[rank])
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
+        if config.emulate_step is not None:
+            torch.set_num_threads(1)  # an emulated device's work is a sleep and one flat step
+        elif self.device.type != "cuda":
             torch.set_num_threads(cpu_threads_per_worker(config))
         # dropout and other model randomness; a restarted worker draws fresh numbers. With
         # several boxes, the global rank (rank_offset + rank) sets a worker's streams.
@@ -183,6 +217,8 @@ class Worker:
         self.reported = [0.0, 0.0, 0.0]  # exchanges, bytes, seconds already in ch.counters
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
+        self.emulated = None if config.emulate_step is None else EmulatedStep(
+            config.emulate_step, config.seed + global_rank, self.state.n_params, self.device)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -257,10 +293,7 @@ class Worker:
     def one_step(self, x: torch.Tensor, target: torch.Tensor) -> bool:
         """Gradient, communication, local step. False: the workers agreed to stop."""
         self.fault(self.step, self.y, self.ch.shared)
-        self.state.grad.zero_()
-        with self.precision.autocast():  # the forward and the loss; backward follows its casts
-            loss = self.loss_fn(self.forward(x), target)
-        finite = self.precision.backward(loss)
+        loss, finite = self.gradient(x, target)
         rules.add_weight_decay_(self.state.grad, self.y, self.config.weight_decay)
         try:
             # Communication comes after the gradient: Algorithms 1 and 2 take the gradient at
@@ -281,11 +314,22 @@ class Worker:
             self.ch.counters[self.rank, DIVERGENCES] += 1
             self.conn.send(Event(self.rank, f"worker {self.rank} diverged at step {self.step} "
                                  f"({e}); its exchange was skipped and it restarts from the center"))
-        self.loss_sum += loss.detach()
-        self.loss_count += 1
+        if self.emulated is None:  # an emulated step's loss is not the model's: not reported
+            self.loss_sum += loss.detach()
+            self.loss_count += 1
         self.step += 1
         self.ch.steps[self.rank] = self.step
         return True
+
+    def gradient(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """This step's gradient at y, into ``state.grad``: its loss, and whether the gradient is
+        finite (fp16 may overflow). On an emulated device, the stand-in (EmulatedStep)."""
+        if self.emulated is not None:
+            return self.emulated.gradient_(self.state.grad, self.y), True
+        self.state.grad.zero_()
+        with self.precision.autocast():  # the forward and the loss; backward follows its casts
+            loss = self.loss_fn(self.forward(x), target)
+        return loss, self.precision.backward(loss)
 
     def between_steps(self) -> None:
         """Reports, checkpoint answers and the parent check, at a step boundary."""

@@ -103,3 +103,44 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_paced_copies_last_at_least_size_over_bandwidth(monkeypatch):
+    """--copy-gbps: each of an exchange's two copies lasts at least size / bandwidth (a sleep
+    for the rest after the real copy), and the exchange still adds its difference to the
+    center. The sleeps are recorded, not slept, so a busy machine cannot change the result."""
+    import torch
+
+    from easgd_local import emulate
+    from easgd_local.center import SharedCenter
+
+    slept: list[float] = []
+    monkeypatch.setattr(emulate.time, "sleep", slept.append)
+    center = SharedCenter(torch.zeros(250_000))  # 1 MB of float32
+    try:
+        paced = emulate.HostSideLink(center, copy_gbps=0.0004)  # 1 MB at 0.4 MB/s: 2.5 s a copy
+        assert paced.copy_seconds == pytest.approx(2.5)
+        paced.exchange(torch.zeros(250_000), 0.1)
+        assert len(slept) == 2 and all(2.0 < s <= 2.5 for s in slept)  # 2.5 s less the copy
+        assert torch.allclose(center.snapshot(), torch.full((250_000,), 1e-6))
+        assert emulate.HostSideLink(center).copy_seconds == 0.0  # unpaced by default
+        slept.clear()
+        emulate.HostSideLink(center).exchange(torch.zeros(250_000), 0.1)
+        assert slept == []
+    finally:
+        center.close()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"copy_gbps": -1.0}, "--copy-gbps must be >= 0"),
+    ({"copy_gbps": 12.0, "host": "cpu"}, "--copy-gbps paces"),
+])
+def test_bad_copy_bandwidth_is_one_line(tmp_path, extra, needle):
+    from easgd_local.config import ConfigError
+    from easgd_local.scale import options_from_text
+
+    args = dict(out=tmp_path, p="1,2", sizes="resnet18", taus="1", steps_ms="30", stripes="1",
+                device="cpu", seconds=1.0, quick=False)
+    with pytest.raises(ConfigError, match=needle):
+        options_from_text(**args, **extra)
+    assert options_from_text(**args, copy_gbps=12.0).copy_gbps == 12.0

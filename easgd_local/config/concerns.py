@@ -186,6 +186,15 @@ class SystemSettings:
         help="Inject faults, for a demo: rank:step:kind[,...] with kind slow:F (that rank F "
              "times slower from that step), pause:S (stops S seconds), kill, exit, hang, nan; "
              "rank below --workers.")
+    emulate_step: float | None = setting(
+        None, flag="--emulate-step", kind=float, bounds="> 0", unit="seconds", concern="system",
+        help="Emulated devices: each local step of a worker is a sleep of this many seconds "
+             "instead of a gradient (a sleep costs no core, so many workers fit on few cores); "
+             "the exchanges with the center are real. For measuring the shared center at "
+             "scale, not for training.",
+        note="The stand-in gradient pulls each worker toward its own fixed point, so the "
+             "states differ and the exchanges carry real numbers; the center learns nothing. "
+             "One thread per worker; not with ddp. See docs/scale.md.")
 
 
 @dataclass

@@ -16,6 +16,9 @@ from .concerns import (AlgorithmSettings, BoxSettings, CheckpointSettings, DataS
 from . import resources
 from .faults import parse_fault
 
+# Algorithms whose exchange happens inside the gradient's computation: --emulate-step refused.
+NOT_EMULATED = ("ddp",)
+
 
 # Bases in reverse: a dataclass lays out its fields from the last base to the first, so the
 # flags read algorithm, stop, data, system, evaluation, checkpoint, boxes, output.
@@ -70,6 +73,7 @@ class TrainConfig(OutputSettings, BoxSettings, CheckpointSettings, EvaluationSet
         self._check_faults()
         self._check_schedule()
         self._check_precision()
+        self._check_emulation()
         self.resolved_options = {}
         algorithm.resolve_options(self)  # each option's type, range and default (its declaration)
         self._resolve_alpha(algorithm)
@@ -130,6 +134,13 @@ class TrainConfig(OutputSettings, BoxSettings, CheckpointSettings, EvaluationSet
             why = unsupported(self.precision, device)
             if why:
                 raise ConfigError(f"--precision {self.precision}: {why}")
+
+    def _check_emulation(self) -> None:
+        """--emulate-step: refused with an algorithm whose exchange is inside the gradient's
+        computation (ddp all-reduces in backward), which a sleep would leave out."""
+        if self.emulate_step is not None and self.algo in NOT_EMULATED:
+            raise ConfigError(f"--emulate-step cannot emulate {self.algo}: its exchange is the "
+                              "all-reduce inside backward, which an emulated step leaves out")
 
     def _check_options_apply(self, algorithm: Any) -> None:
         """Every algorithm option given is one that --algo takes."""

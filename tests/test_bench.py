@@ -17,14 +17,14 @@ ROW_TYPES = {
     "algo": str, "workers": int, "tau": (int, type(None)), "lr": float, "momentum": float,
     "time_to_target_s": (float, type(None)), "speedup_vs_sgd": (float, type(None)),
     "samples_per_second": float, "efficiency": (float, type(None)), "exchange_fraction": float,
-    "time_to_lower_s": (float, type(None)), "speedup_vs_best_single": (float, type(None)),
+    "time_to_upper_s": (float, type(None)), "speedup_vs_best_single": (float, type(None)),
     "speedup_vs_best_single_low": (float, type(None)),
     "speedup_vs_best_single_high": (float, type(None)), "best_single": (str, type(None)),
     "bytes_per_sample": (float, type(None)), "final_test_accuracy": float,
     "startup_seconds": float, "train_seconds": float, "run_dir": str, "best": bool,
     "repeats": list,
 }
-HEADER_KEYS = {"target_accuracy", "lower_target", "time_limit", "dataset", "model", "batch_size", "runs",
+HEADER_KEYS = {"target_accuracy", "upper_target", "time_limit", "dataset", "model", "batch_size", "runs",
                "repeats", "lrs", "one_thread_samples_per_second", "time_to_target_method"}
 
 
@@ -159,9 +159,9 @@ def test_pipeline_without_matplotlib(fake_train, monkeypatch, tmp_path, capsys):
     assert [r["best_single"] for r in rows] == ["sgd lr=0.2"] * 4
     assert [r["speedup_vs_best_single"] for r in rows] == pytest.approx(
         [1.0, sgd_time / 0.5, sgd_time / 0.5, None], abs=1e-5)
-    assert result["lower_target"] == pytest.approx(0.48)
-    # 0.48 is reached where 0.5 is (records at 0.4, then 0.6), a little earlier.
-    assert rows[0]["time_to_lower_s"] < rows[0]["time_to_target_s"]
+    assert result["upper_target"] == pytest.approx(0.52)
+    # 0.52 is reached where 0.5 is (records at 0.4, then 0.6), a little later.
+    assert rows[0]["time_to_upper_s"] > rows[0]["time_to_target_s"]
     progress = [line for line in printed.err.splitlines() if line.startswith("[")]
     assert progress == ["[1/4] sgd p=1: 50% at 0.7 s, 1,000 samples/s",
                         "[2/4] easgd p=2 tau=1: 50% at 0.5 s, 2,000 samples/s",
@@ -214,8 +214,8 @@ BAD = [
     (["--lr", "0"], "--lr"),
     (["--time-limit", "0"], "--time-limit"),
     (["--target-accuracy", "1.5"], "--target-accuracy"),
-    (["--lower-target", "0.97"], "--lower-target"),
-    (["--lower-target", "0"], "--lower-target"),
+    (["--upper-target", "0.9"], "--upper-target"),  # not above the target (95%)
+    (["--upper-target", "0"], "--upper-target"),
     (["--workers", "0"], "--workers"),
     (["--devices", "tpu"], "tpu"),
 ]

@@ -167,15 +167,52 @@ def test_speedup_against_the_best_single_worker_at_its_best_rate():
     assert "(msgd lr=0.1)" in table and "90% bootstrap interval" in table
 
 
-def test_time_to_the_lower_target():
-    records = [{"seconds": 1.0, "test_accuracy": 0.9}, {"seconds": 2.0, "test_accuracy": 0.96},
-               {"seconds": 3.0, "test_accuracy": 0.98}]
-    figures = bench.run_figures(_summary(), records, 0.97, "r", lower=0.95)
-    assert figures["time_to_lower_s"] == pytest.approx(bench.time_to_target(records, 0.95))
-    assert 1.0 < figures["time_to_lower_s"] < 2.0 < figures["time_to_target_s"] < 3.0
-    assert bench.run_figures(_summary(), records, 0.97, "r")["time_to_lower_s"] is None
-    assert bench.lower_target(bench.BenchOptions()) == 0.95  # 2 points below 97%
-    assert bench.lower_target(bench.BenchOptions(target_accuracy=0.5, lower_target=0.3)) == 0.3
+def test_time_to_the_upper_target():
+    records = [{"seconds": 1.0, "samples": 100, "test_accuracy": 0.9},
+               {"seconds": 2.0, "samples": 300, "test_accuracy": 0.96},
+               {"seconds": 3.0, "samples": 400, "test_accuracy": 0.98}]
+    figures = bench.run_figures(_summary(), records, 0.95, "r", upper=0.97)
+    assert figures["time_to_upper_s"] == pytest.approx(bench.time_to_target(records, 0.97))
+    assert 1.0 < figures["time_to_target_s"] < 2.0 < figures["time_to_upper_s"] < 3.0
+    assert bench.run_figures(_summary(), records, 0.95, "r")["time_to_upper_s"] is None
+    assert bench.BenchOptions().target_accuracy == 0.95  # the headline, where crossings reproduce
+    assert bench.upper_target(bench.BenchOptions()) == 0.97  # 2 points above it
+    assert bench.upper_target(bench.BenchOptions(target_accuracy=0.5, upper_target=0.7)) == 0.7
+    assert bench.upper_target(bench.BenchOptions(target_accuracy=0.99)) is None  # 101%: none
+
+
+def test_samples_to_target_read_as_the_time_is():
+    """The same crossing in samples: 0.95 lies between the records at 100 and 300 samples,
+    where it lies between 1 s and 2 s, at the same fraction of the way."""
+    records = [{"seconds": 1.0, "samples": 100, "test_accuracy": 0.9},
+               {"seconds": 2.0, "samples": 300, "test_accuracy": 0.96}]
+    figures = bench.run_figures(_summary(), records, 0.95, "r")
+    fraction = figures["time_to_target_s"] - 1.0
+    assert figures["samples_to_target"] == pytest.approx(100 + 200 * fraction)
+    assert bench.time_to_target(records, 0.99, "samples") is None
+    assert bench.time_to_target([{"seconds": 1.0, "test_accuracy": 0.99}], 0.95, "samples") is None
+
+
+def test_the_speed_up_splits_into_samples_and_rate():
+    """sample_factor x rate_factor: the single worker needs 1,000 samples at 100/s (10 s); the
+    row needs 1,250 samples at 250/s (5 s): 2x = 0.8 x 2.5."""
+    runs = []
+    for r in range(3):
+        runs.append({**_run(_summary("sgd", 1, sps=100.0), 10.0, repeat=r),
+                     "samples_to_target": 1000.0})
+        runs.append({**_run(_summary("easgd", sps=250.0), 5.0, repeat=r),
+                     "samples_to_target": 1250.0})
+        runs.append({**_run(_summary("easgd", tau=4, sps=300.0), None, repeat=r),
+                     "samples_to_target": None})
+    rows = {(r["algo"], r["tau"]): r for r in bench.derive_rows(runs)}
+    row = rows[("easgd", 10)]
+    assert row["sample_factor"] == pytest.approx(0.8) and row["rate_factor"] == pytest.approx(2.5)
+    assert row["sample_factor"] * row["rate_factor"] == pytest.approx(
+        row["speedup_vs_best_single"])
+    assert rows[("easgd", 4)]["sample_factor"] is None  # never reached: no factor
+    assert rows[("easgd", 4)]["rate_factor"] == pytest.approx(3.0)
+    table = bench.markdown_table(_bench_dict(list(rows.values()), repeats=3))
+    assert "| 0.80 x 2.50 |" in table and "Samples x rate" in table
 
 
 
@@ -188,7 +225,7 @@ def test_incomplete_records_give_no_time_to_target():
 
 
 def _bench_dict(rows, repeats=1):
-    return {"target_accuracy": 0.97, "lower_target": 0.95, "time_limit": 60.0, "dataset": "mnist10k", "model": "cnn",
+    return {"target_accuracy": 0.95, "upper_target": 0.97, "time_limit": 60.0, "dataset": "mnist10k", "model": "cnn",
             "batch_size": 32, "algos": ["sgd", "easgd"], "taus": [10], "workers": 2, "lr": 0.1,
             "lrs": [0.1], "momentum": 0.9, "seed": 0, "repeats": repeats, "eval_every": None,
             "devices": ["cpu"], "data_dir": "datasets", "cpu_count": 2,
@@ -201,20 +238,20 @@ def test_markdown_table():
     text = bench.markdown_table(_bench_dict(rows))
     lines = text.splitlines()
     assert lines[0].startswith("Settings: `easgd-local bench --algos sgd,easgd --workers 2 --taus 10 ")
-    assert "--time-limit 60 --target-accuracy 0.97 --lower-target 0.95" in lines[0] and lines[1] == ""
+    assert "--time-limit 60 --target-accuracy 0.95 --upper-target 0.97" in lines[0] and lines[1] == ""
     assert "one thread trains 3,000 samples/s" in lines[0]
     table = lines[2:]
     assert len(table) == 2 + 2  # header, rule, one row per run
     assert len({line.count("|") for line in table}) == 1  # every line has the same columns
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header[5:9] == ["speed-up vs best single", "speed-up at 95%", "time to 97% (s)",
-                           "time to 95% (s)"]
+    assert header[5:10] == ["speed-up vs best single", "speed-up at 97%", "samples x rate",
+                            "time to 95% (s)", "time to 97% (s)"]
     sgd_cells = [c.strip() for c in table[2].strip("|").split("|")]
-    assert sgd_cells[:5] == ["1", "sgd", "1", "-", "0.1"] and sgd_cells[7] == "not reached"
+    assert sgd_cells[:5] == ["1", "sgd", "1", "-", "0.1"] and sgd_cells[8] == "not reached"
     easgd_cells = [c.strip() for c in table[3].strip("|").split("|")]
     # No single worker reached the target: no speed-up against it, nor against sgd.
-    assert easgd_cells[5:7] == ["-", "-"] and easgd_cells[7] == "8.3" and easgd_cells[9] == "-"
-    assert easgd_cells[10] == "3,710"
+    assert easgd_cells[5:8] == ["-", "-", "-"] and easgd_cells[8] == "8.3"
+    assert easgd_cells[10] == "-" and easgd_cells[11] == "3,710"
     assert easgd_cells[-1] == "runs/2-easgd-p2-tau10"
 
 
@@ -223,7 +260,7 @@ def test_markdown_table_with_repeats_shows_the_spread():
     text = bench.markdown_table(_bench_dict(bench.derive_rows(runs), repeats=3))
     assert "median [min, max] of 3" in text
     cells = [c.strip() for c in text.splitlines()[-1].strip("|").split("|")]
-    assert cells[7] == "3.0 [2.0, 4.0]" and cells[10] == "2,000 [1,000, 3,000]"
+    assert cells[8] == "3.0 [2.0, 4.0]" and cells[11] == "2,000 [1,000, 3,000]"
 
 
 def test_busy_machine_is_reported():
@@ -280,15 +317,27 @@ def test_first_repeats_train_a_multiple_of_the_references_crossing(references, e
     assert bench.trimmed_limit(off, _spec("eamsgd", 0), done) == 60.0
 
 
-def test_the_speed_up_at_the_lower_target_is_bootstrapped_alike():
-    """speedup_lower_vs_best_single: the best single worker's median time to the lower target
+def test_a_later_repeat_is_trimmed_by_the_upper_crossing_where_there_is_one():
+    """The upper target is crossed later: the repeats must train until then to measure it."""
+    options = bench.BenchOptions(time_limit=60.0, trim_factor=3.0)
+    first = {"algo": "easgd", "tau": 10, "lr": 0.2, "repeat": 0, "time_to_target_s": 4.0,
+             "time_to_upper_s": 9.0}
+    assert bench.trimmed_limit(options, _spec("easgd", 1), [first]) == 27.0
+    assert bench.trimmed_limit(options, _spec("easgd", 1),
+                               [{**first, "time_to_upper_s": None}]) == 12.0
+    sgd = {**first, "algo": "sgd", "tau": None}
+    assert bench.trimmed_limit(options, _spec("eamsgd", 0), [sgd]) == 36.0  # 4 x 9 s
+
+
+def test_the_speed_up_at_the_upper_target_is_bootstrapped_alike():
+    """speedup_upper_vs_best_single: the best single worker's median time to the upper target
     over the row's, with its interval, as the headline is at the target."""
     runs = []
     for r, (single, multi) in enumerate([(2.0, 1.0), (3.0, 1.5), (4.0, 2.0)]):
-        runs.append({**_run(_summary("sgd", 1), 9.0, repeat=r), "time_to_lower_s": single})
-        runs.append({**_run(_summary("easgd"), 4.0, repeat=r), "time_to_lower_s": multi})
+        runs.append({**_run(_summary("sgd", 1), 9.0, repeat=r), "time_to_upper_s": single})
+        runs.append({**_run(_summary("easgd"), 4.0, repeat=r), "time_to_upper_s": multi})
     rows = {r["algo"]: r for r in bench.derive_rows(runs)}
-    assert rows["easgd"]["speedup_lower_vs_best_single"] == pytest.approx(3.0 / 1.5)
+    assert rows["easgd"]["speedup_upper_vs_best_single"] == pytest.approx(3.0 / 1.5)
     assert rows["easgd"]["speedup_vs_best_single"] == pytest.approx(9.0 / 4.0)
-    low, high = (rows["easgd"][f"speedup_lower_vs_best_single_{k}"] for k in ("low", "high"))
-    assert low <= 2.0 <= high and rows["sgd"]["speedup_lower_vs_best_single"] == 1.0
+    low, high = (rows["easgd"][f"speedup_upper_vs_best_single_{k}"] for k in ("low", "high"))
+    assert low <= 2.0 <= high and rows["sgd"]["speedup_upper_vs_best_single"] == 1.0

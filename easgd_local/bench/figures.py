@@ -27,17 +27,19 @@ TIME_TO_TARGET_METHOD = ("first crossing of the target, interpolated between the
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 # Figures of one run; in a row each holds the median over the repeats, with _min and _max.
-# time_to_lower_s: the time to the lower target (--lower-target), read as time_to_target_s.
-TIMES = ("time_to_target_s", "time_to_lower_s")
+# time_to_upper_s: the time to the upper target (--upper-target), read as time_to_target_s.
+# samples_to_target: the samples trained (all workers together) when the target was first
+# reached, read as time_to_target_s with samples for seconds; "never" alike.
+TIMES = ("time_to_target_s", "time_to_upper_s", "samples_to_target")
 FIGURES = (*TIMES, "speedup_vs_sgd", "samples_per_second", "efficiency",
            "exchange_fraction", "bytes_per_sample", "final_test_accuracy", "startup_seconds",
            "train_seconds", "record_spacing_s")
 ROW_KEYS = ("algo", "workers", "tau", "lr", "momentum", *FIGURES,
             *(f"{k}_{end}" for k in FIGURES for end in ("min", "max")),
             "speedup_vs_best_single", "speedup_vs_best_single_low",
-            "speedup_vs_best_single_high", "speedup_lower_vs_best_single",
-            "speedup_lower_vs_best_single_low", "speedup_lower_vs_best_single_high",
-            "best_single", "best", "run_dir", "repeats")
+            "speedup_vs_best_single_high", "speedup_upper_vs_best_single",
+            "speedup_upper_vs_best_single_low", "speedup_upper_vs_best_single_high",
+            "sample_factor", "rate_factor", "best_single", "best", "run_dir", "repeats")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -51,21 +53,25 @@ def log_error(accuracy: float) -> float:
     return math.log(max(1.0 - accuracy, ERROR_FLOOR))
 
 
-def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | None:
+def time_to_target(records: Sequence[dict[str, Any]], target: float,
+                   at: str = "seconds") -> float | None:
     """Seconds of training at which the test accuracy first reaches ``target``.
 
     Between the last record below the target and the first at or above it, the error
     (1 - accuracy) is taken as linear on a log scale in time; when the very first record already
     reaches it, that record's time. ``seconds`` in metrics.jsonl counts from the start of
     training, so start-up is excluded by construction. None if no record reached it.
+    ``at="samples"``: the same crossing read in samples trained instead of seconds.
     """
     before = None
     for record in records:
         accuracy = record.get("test_accuracy")
         if accuracy is None:
             continue
+        if record.get(at) is None:  # records of another version, without samples
+            return None
         if accuracy >= target:
-            t1 = float(record["seconds"])
+            t1 = float(record[at])
             if before is None:
                 return t1
             t0, a0 = before
@@ -73,7 +79,7 @@ def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | 
             if e0 == e1:  # both at the floor: cannot happen below the target, but be safe
                 return t1
             return t0 + (t1 - t0) * (e0 - et) / (e0 - e1)
-        before = (float(record["seconds"]), accuracy)
+        before = (float(record[at]), accuracy)
     return None
 
 
@@ -91,9 +97,9 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def run_figures(summary: dict[str, Any], records: Sequence[dict[str, Any]], target: float,
-                run_dir: str, lower: float | None = None) -> dict[str, Any]:
+                run_dir: str, upper: float | None = None) -> dict[str, Any]:
     """One run's own figures (those that need no reference); see :func:`derive_rows`.
-    ``lower``: the lower target, whose time is time_to_lower_s (None: not measured).
+    ``upper``: the upper target, whose time is time_to_upper_s (None: not measured).
 
     A run whose records are incomplete (snapshots dropped) gets no time to target: a number
     read from them could be wrong."""
@@ -103,7 +109,8 @@ def run_figures(summary: dict[str, Any], records: Sequence[dict[str, Any]], targ
         "tau": summary["tau"] if has_tau(summary["algo"]) else None,
         "momentum": summary.get("momentum"), "seed": summary.get("seed"),
         "time_to_target_s": time_to_target(records, target) if complete else None,
-        "time_to_lower_s": time_to_target(records, lower) if complete and lower else None,
+        "time_to_upper_s": time_to_target(records, upper) if complete and upper else None,
+        "samples_to_target": time_to_target(records, target, "samples") if complete else None,
         "records_complete": complete,
         "samples_per_second": summary["samples_per_second"],
         "exchange_fraction": summary["exchange_fraction"],
@@ -169,9 +176,10 @@ def derive_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, members in groups.items():
         row = _row(key, members, ref_by_repeat)
         row.update(_versus_single(members, groups[single] if single else None))
-        # The same at the lower target, below the plateau, where crossings are steadier.
+        # The same at the upper target, nearer the plateau, where first crossings are less steady.
         row.update(_versus_single(members, groups[single] if single else None,
-                                  "time_to_lower_s", "speedup_lower_vs_best_single"))
+                                  "time_to_upper_s", "speedup_upper_vs_best_single"))
+        row.update(_why(members, groups[single] if single else None))
         row["best_single"] = None if single is None else _label(single)
         row["best"] = best[key[:3]] == key
         rows.append(row)
@@ -215,7 +223,7 @@ def _row(key: tuple, members: Sequence[dict[str, Any]],
 def _versus_single(members: Sequence[dict[str, Any]], single: Sequence[dict[str, Any]] | None,
                    time: str = "time_to_target_s",
                    name: str = "speedup_vs_best_single") -> dict[str, float | None]:
-    """``name`` (the speed-up in ``time``, to the target or the lower target) with its
+    """``name`` (the speed-up in ``time``, to the target or the upper target) with its
     bootstrap interval, ``name``_low and _high (None where undefined: no single worker reached
     the target, or this row's median never did)."""
     keys = (name, f"{name}_low", f"{name}_high")
@@ -225,6 +233,23 @@ def _versus_single(members: Sequence[dict[str, Any]], single: Sequence[dict[str,
              for group in (single, members)]
     point, low, high = bootstrap_ratio(times[0], times[1])
     return {keys[0]: point or None, keys[1]: _finite(low), keys[2]: _finite(high)}
+
+
+def _why(members: Sequence[dict[str, Any]],
+         single: Sequence[dict[str, Any]] | None) -> dict[str, float | None]:
+    """The speed-up over the best single worker split in two factors whose product is about it
+    (exactly, for runs at a steady rate): sample_factor = the single worker's median samples to
+    the target / this row's (statistical efficiency: above 1, fewer samples were needed) and
+    rate_factor = this row's median samples/s / the single worker's (hardware efficiency).
+    None where a side never reached the target."""
+    if single is None:
+        return {"sample_factor": None, "rate_factor": None}
+    samples = [[math.inf if r.get("samples_to_target") is None else r["samples_to_target"]
+                for r in group] for group in (single, members)]
+    sample_factor = _median_ratio(samples[0], samples[1])
+    rate_factor = _ratio(statistics.median(r["samples_per_second"] for r in members),
+                         statistics.median(r["samples_per_second"] for r in single))
+    return {"sample_factor": _finite(sample_factor) or None, "rate_factor": rate_factor}
 
 
 def _finite(value: float) -> float | None:

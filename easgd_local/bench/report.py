@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .figures import TIME_TO_TARGET_METHOD, shown_rows
-from .options import BENCH_FILE, TABLE_FILE, BenchOptions, lower_target, single_worker
+from .options import BENCH_FILE, TABLE_FILE, BenchOptions, upper_target, single_worker
 from .plan import RunSpec, pct, run_label
 from .plot import write_plot
 
@@ -23,8 +23,8 @@ def settings_line(bench: dict[str, Any]) -> str:
     parts += [f"--taus {','.join(str(t) for t in bench['taus'])}",
               f"--time-limit {bench['time_limit']:g}",
               f"--target-accuracy {bench['target_accuracy']:g}"]
-    if bench.get("lower_target"):
-        parts.append(f"--lower-target {bench['lower_target']:g}")
+    if bench.get("upper_target"):
+        parts.append(f"--upper-target {bench['upper_target']:g}")
     if lrs:
         parts.append(f"--lrs {','.join(f'{lr:g}' for lr in lrs)}")
     parts += [f"--momentum {bench['momentum']:g}",
@@ -87,13 +87,13 @@ def markdown_table(bench: dict[str, Any]) -> str:
     speed-up against the best single worker; then what that speed-up is measured against."""
     rows, repeats = shown_rows(bench), bench.get("repeats", 1)
     spread = f", median [min, max] of {repeats}" if repeats > 1 else ""
-    lower = bench.get("lower_target")
+    upper = bench.get("upper_target")
     # The grid's step: the momentum algorithms run at lr * (1 - momentum) (the lr train prints).
     header = ["#", "algo", "p", "tau", "step",
               "speed-up vs best single" + (" [90% interval]" if repeats > 1 else ""),
-              *([f"speed-up at {pct(lower)}"] if lower else []),
+              *([f"speed-up at {pct(upper)}"] if upper else []), "samples x rate",
               f"time to {pct(bench['target_accuracy'])} (s){spread}",
-              *([f"time to {pct(lower)} (s)"] if lower else []), "speed-up vs sgd",
+              *([f"time to {pct(upper)} (s)"] if upper else []), "speed-up vs sgd",
               "samples/s", "efficiency", "exchange time", "bytes/sample", "final accuracy",
               "start-up (s)", "run"]
     lines = [settings_line(bench), "",
@@ -102,9 +102,10 @@ def markdown_table(bench: dict[str, Any]) -> str:
     for i, r in enumerate(rows, 1):
         cells = [str(i), r["algo"], str(r["workers"]), _fmt(r["tau"], "d"), f"{r['lr']:g}",
                  _with_interval(r, "speedup_vs_best_single"),
-                 *([_with_interval(r, "speedup_lower_vs_best_single")] if lower else []),
+                 *([_with_interval(r, "speedup_upper_vs_best_single")] if upper else []),
+                 _why(r),
                  _with_spread(r, "time_to_target_s", ".1f", none="not reached"),
-                 *([_with_spread(r, "time_to_lower_s", ".1f", none="not reached")] if lower else []),
+                 *([_with_spread(r, "time_to_upper_s", ".1f", none="not reached")] if upper else []),
                  _with_spread(r, "speedup_vs_sgd", ".2f", "x"),
                  _with_spread(r, "samples_per_second", ",.0f"),
                  _with_spread(r, "efficiency", ".2f"),
@@ -113,6 +114,12 @@ def markdown_table(bench: dict[str, Any]) -> str:
                  _fmt(r["startup_seconds"], ".1f"), r["run_dir"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + _notes(bench, rows)) + "\n"
+
+
+def _why(row: dict[str, Any]) -> str:
+    """'0.85 x 1.95': the speed-up's two factors, samples and rate (figures._why)."""
+    sample, rate = row.get("sample_factor"), row.get("rate_factor")
+    return "-" if sample is None or rate is None else f"{sample:.2f} x {rate:.2f}"
 
 
 # A speed-up whose interval's ends are further apart than this factor is flagged as unsettled.
@@ -135,7 +142,11 @@ def _notes(bench: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                     if bench.get("repeats", 1) > 1 else "")
         notes.append(f"Speed-up vs best single: the median time to "
                      f"{pct(bench['target_accuracy'])} of the fastest one-worker reference at its "
-                     f"best rate ({single}) over each row's median time{interval}.")
+                     f"best rate ({single}) over each row's median time{interval}. Samples x "
+                     f"rate: that speed-up split in two, the single worker's median samples "
+                     f"to {pct(bench['target_accuracy'])} over the row's (above 1: fewer "
+                     f"samples needed) times the row's median samples/s over the single "
+                     f"worker's.")
     unsettled = [r["algo"] for r in rows if _unsettled(r)]
     if unsettled:
         notes.append(f"Not settled: the speed-up interval of {', '.join(unsettled)} spans more "
@@ -175,7 +186,7 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
     # The devices the runs resolved to (every GPU, else cpu): the settings line repeats them.
     devices = list(options.devices) if options.devices else specs[0].devices
     return {
-        "target_accuracy": options.target_accuracy, "lower_target": lower_target(options),
+        "target_accuracy": options.target_accuracy, "upper_target": upper_target(options),
         "target_hold": options.target_hold,
         "time_limit": options.time_limit, "trim_factor": options.trim_factor,
         "dataset": options.dataset, "model": options.model, "batch_size": options.batch_size,

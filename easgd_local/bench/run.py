@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .figures import derive_rows, read_metrics, run_figures
-from .options import BENCH_FILE, PLOT_FILE, TABLE_FILE, TRIM_FLOOR, BenchOptions, lower_target
+from .options import BENCH_FILE, PLOT_FILE, TABLE_FILE, TRIM_FLOOR, BenchOptions, upper_target
 from .plan import RunSpec, check_options, run_label
 from .report import bench_header, busy_note, result_text, write_outputs
 
@@ -83,7 +83,9 @@ def trimmed_limit(options: BenchOptions, spec: RunSpec, done: list[dict[str, Any
     Instead, in the first repeat the single-worker references (sgd, msgd) set the others'
     time: at most REFERENCE_FACTOR times the slowest reference crossing so far (a run slower
     than that loses to one worker anyway); a later repeat trains at most trim_factor times its
-    own configuration's first crossing. Never less than TRIM_FLOOR nor more than --time-limit;
+    own configuration's first crossing. A crossing is the upper target's where the run reached
+    it, else the target's (the upper target is crossed later, and the runs must last until
+    then to measure it). Never less than TRIM_FLOOR nor more than --time-limit;
     the whole limit where nothing to go by reached the target (the first reference itself, a
     bench without references). A run that does not reach the target in its time counts as
     never reaching it.
@@ -91,15 +93,21 @@ def trimmed_limit(options: BenchOptions, spec: RunSpec, done: list[dict[str, Any
     if options.trim_factor <= 0:
         return options.time_limit
     if spec.repeat == 0:
-        crossings = [run["time_to_target_s"] for run in done if run["repeat"] == 0
-                     and run["algo"] in REFERENCES and run["time_to_target_s"] is not None]
+        crossings = [_crossing(run) for run in done if run["repeat"] == 0
+                     and run["algo"] in REFERENCES and _crossing(run) is not None]
         bound = REFERENCE_FACTOR * max(crossings) if crossings else None
     else:
         first = next((run for run in done
                       if run["repeat"] == 0 and _same_configuration(run, spec)), None)
-        crossing = first.get("time_to_target_s") if first else None
+        crossing = _crossing(first) if first else None
         bound = None if crossing is None else options.trim_factor * crossing
     return options.time_limit if bound is None else min(options.time_limit, max(TRIM_FLOOR, bound))
+
+
+def _crossing(run: dict[str, Any]) -> float | None:
+    """The last crossing a run measured: the upper target's, else the target's (or None)."""
+    upper = run.get("time_to_upper_s")
+    return upper if upper is not None else run.get("time_to_target_s")
 
 
 def _same_configuration(run: dict[str, Any], spec: RunSpec) -> bool:
@@ -131,7 +139,7 @@ def _one_run(options: BenchOptions, spec: RunSpec, total: int, train_fn: TrainFn
     # Relative to the bench directory, so the directory can be moved as a whole.
     figures = run_figures({**summary, "seed": spec.config.seed}, records,
                           options.target_accuracy, str(Path("runs") / spec.name),
-                          lower=lower_target(options))
+                          upper=upper_target(options))
     if not figures["records_complete"]:
         on_note(f"{label}: snapshots were dropped, so its records are incomplete; "
                 "its time to target is left out")

@@ -67,7 +67,7 @@ def _with_spread(row: dict[str, Any], key: str, spec: str, suffix: str = "",
         return _fmt(None if v is None else v * scale, spec, suffix, none)
 
     median, low, high = row.get(key), row.get(f"{key}_min"), row.get(f"{key}_max")
-    if len(row.get("repeats") or []) <= 1:
+    if len(row.get("repeats") or []) <= 1 or (median is None and low is None and high is None):
         return f(median)
     return f"{f(median)} [{f(low)}, {f(high)}]"
 

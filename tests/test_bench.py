@@ -24,7 +24,7 @@ ROW_TYPES = {
     "startup_seconds": float, "train_seconds": float, "run_dir": str, "best": bool,
     "repeats": list,
 }
-HEADER_KEYS = {"target_accuracy", "upper_target", "time_limit", "dataset", "model", "batch_size", "runs",
+HEADER_KEYS = {"target_accuracy", "target_band", "upper_target", "time_limit", "dataset", "model", "batch_size", "runs",
                "repeats", "lrs", "one_thread_samples_per_second", "time_to_target_method"}
 
 
@@ -124,8 +124,8 @@ def test_pipeline_without_matplotlib(fake_train, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = tmp_path / "b"
     args = ["bench", "--algos", "sgd,easgd,msgd", "--taus", "1,10", "--time-limit", "5",
-            "--target-accuracy", "0.5", "--lr", "0.2", "--momentum", "0.5", "--repeats", "1",
-            "--out", str(out)]
+            "--target-accuracy", "0.5", "--target-band", "0", "--lr", "0.2", "--momentum", "0.5",
+            "--repeats", "1", "--out", str(out)]  # band 0: the one crossing, exact below
     assert main(args) == 0
     printed = capsys.readouterr()
     result, table = _read_outputs(out)
@@ -215,6 +215,8 @@ BAD = [
     (["--time-limit", "0"], "--time-limit"),
     (["--target-accuracy", "1.5"], "--target-accuracy"),
     (["--upper-target", "0.9"], "--upper-target"),  # not above the target (95%)
+    (["--target-band", "0.06"], "--target-band"),  # 95% + 6 points is above 100%
+    (["--target-band", "-0.01"], "--target-band"),
     (["--upper-target", "0"], "--upper-target"),
     (["--workers", "0"], "--workers"),
     (["--devices", "tpu"], "tpu"),

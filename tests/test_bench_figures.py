@@ -181,6 +181,29 @@ def test_time_to_the_upper_target():
     assert bench.upper_target(bench.BenchOptions(target_accuracy=0.99)) is None  # 101%: none
 
 
+def test_the_band_time_is_the_geometric_mean_of_five_crossings():
+    """--target-band 0.02 around 95%: the first crossings of 93, 94, 95, 96 and 97%, each read
+    as time_to_target reads one, then their geometric mean; None if 97% was never reached."""
+    records = [{"seconds": 1.0, "samples": 100, "test_accuracy": 0.90},
+               {"seconds": 2.0, "samples": 300, "test_accuracy": 0.955},
+               {"seconds": 3.0, "samples": 400, "test_accuracy": 0.94},  # a dip: not a crossing
+               {"seconds": 4.0, "samples": 600, "test_accuracy": 0.98}]
+    assert bench.band_targets(0.95, 0.02) == [0.93, 0.94, 0.95, 0.96, 0.97]
+    assert bench.band_targets(0.95, 0.0) == [0.95]
+    crossings = [bench.time_to_target(records, t) for t in (0.93, 0.94, 0.95, 0.96, 0.97)]
+    assert crossings[0] < crossings[2] < 2.0 < 3.0 < crossings[3] < crossings[4] < 4.0
+    want = math.exp(sum(math.log(c) for c in crossings) / 5)
+    figures = bench.run_figures(_summary(), records, 0.95, "r", band=0.02)
+    assert figures["time_to_target_s"] == pytest.approx(want)
+    assert figures["samples_to_target"] == pytest.approx(bench.band_time(
+        records, [0.93, 0.94, 0.95, 0.96, 0.97], "samples"))
+    assert bench.run_figures(_summary(), records, 0.95, "r")["time_to_target_s"] == \
+        pytest.approx(crossings[2])  # no band: the one crossing
+    assert bench.run_figures(_summary(), records[:3], 0.95, "r", band=0.02)[
+        "time_to_target_s"] is None  # 96% and 97% never reached
+    assert bench.target_label(0.95, 0.02) == "93-97%" and bench.target_label(0.95) == "95%"
+
+
 def test_samples_to_target_read_as_the_time_is():
     """The same crossing in samples: 0.95 lies between the records at 100 and 300 samples,
     where it lies between 1 s and 2 s, at the same fraction of the way."""
@@ -238,7 +261,7 @@ def test_markdown_table():
     text = bench.markdown_table(_bench_dict(rows))
     lines = text.splitlines()
     assert lines[0].startswith("Settings: `easgd-local bench --algos sgd,easgd --workers 2 --taus 10 ")
-    assert "--time-limit 60 --target-accuracy 0.95 --upper-target 0.97" in lines[0] and lines[1] == ""
+    assert "--time-limit 60 --target-accuracy 0.95 --target-band 0 --upper-target 0.97" in lines[0] and lines[1] == ""
     assert "one thread trains 3,000 samples/s" in lines[0]
     table = lines[2:]
     assert len(table) == 2 + 2  # header, rule, one row per run

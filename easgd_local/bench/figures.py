@@ -11,16 +11,18 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from .options import has_tau, single_worker
+from .options import band_targets, has_tau, single_worker
 
 # The reference every speed-up and efficiency is measured against.
 REFERENCE_ALGO = "sgd"
 # On a log axis an error of 0 (every test sample right) cannot be drawn or interpolated.
 ERROR_FLOOR = 1e-4
 
-TIME_TO_TARGET_METHOD = ("first crossing of the target, interpolated between the two records "
-                         "that straddle it with log(1 - accuracy) linear in time; the first "
-                         "record's time when it already reaches the target")
+TIME_TO_TARGET_METHOD = ("first crossing of a target, interpolated between the two records "
+                         "that straddle it with log(1 - accuracy) linear in time (the first "
+                         "record's time when it already reaches it); with a target band, the "
+                         "geometric mean of the first crossings of five targets spread evenly "
+                         "over the band, none if one was never reached")
 
 # The speed-up against the best single worker: a ratio of median times with a bootstrap
 # interval, resampled this many times from this seed (deterministic for the same runs).
@@ -83,6 +85,19 @@ def time_to_target(records: Sequence[dict[str, Any]], target: float,
     return None
 
 
+def band_time(records: Sequence[dict[str, Any]], targets: Sequence[float],
+              at: str = "seconds") -> float | None:
+    """The geometric mean of the first crossings of ``targets`` (time_to_target each); None if
+    one was never reached. One crossing of an accuracy that swings by a point between snapshots
+    is one lucky snapshot; several across a band average that luck out."""
+    crossings = [time_to_target(records, t, at) for t in targets]
+    if any(c is None for c in crossings):
+        return None
+    if any(c <= 0 for c in crossings):
+        return min(crossings)  # reached at the very start: no logarithm to take
+    return math.exp(sum(math.log(c) for c in crossings) / len(crossings))
+
+
 def record_spacing(records: Sequence[dict[str, Any]]) -> float | None:
     """Median seconds between consecutive records: the resolution of the time to target."""
     times = [float(r["seconds"]) for r in records if r.get("test_accuracy") is not None]
@@ -97,20 +112,23 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def run_figures(summary: dict[str, Any], records: Sequence[dict[str, Any]], target: float,
-                run_dir: str, upper: float | None = None) -> dict[str, Any]:
+                run_dir: str, upper: float | None = None, band: float = 0.0) -> dict[str, Any]:
     """One run's own figures (those that need no reference); see :func:`derive_rows`.
     ``upper``: the upper target, whose time is time_to_upper_s (None: not measured).
+    ``band``: time_to_target_s (and samples_to_target) is the band's (band_time) over
+    band_targets(target, band); 0: the first crossing of the target.
 
     A run whose records are incomplete (snapshots dropped) gets no time to target: a number
     read from them could be wrong."""
     complete = not summary.get("snapshots_dropped")
+    targets = band_targets(target, band)
     return {
         "algo": summary["algo"], "workers": summary["workers"],
         "tau": summary["tau"] if has_tau(summary["algo"]) else None,
         "momentum": summary.get("momentum"), "seed": summary.get("seed"),
-        "time_to_target_s": time_to_target(records, target) if complete else None,
+        "time_to_target_s": band_time(records, targets) if complete else None,
         "time_to_upper_s": time_to_target(records, upper) if complete and upper else None,
-        "samples_to_target": time_to_target(records, target, "samples") if complete else None,
+        "samples_to_target": band_time(records, targets, "samples") if complete else None,
         "records_complete": complete,
         "samples_per_second": summary["samples_per_second"],
         "exchange_fraction": summary["exchange_fraction"],

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .figures import TIME_TO_TARGET_METHOD, shown_rows
-from .options import BENCH_FILE, TABLE_FILE, BenchOptions, upper_target, single_worker
+from .options import (BENCH_FILE, TABLE_FILE, BenchOptions, single_worker, target_label,
+                      upper_target)
 from .plan import RunSpec, pct, run_label
 from .plot import write_plot
 
@@ -22,7 +23,8 @@ def settings_line(bench: dict[str, Any]) -> str:
     lrs = bench.get("lrs") or ([bench["lr"]] if bench.get("lr") is not None else [])
     parts += [f"--taus {','.join(str(t) for t in bench['taus'])}",
               f"--time-limit {bench['time_limit']:g}",
-              f"--target-accuracy {bench['target_accuracy']:g}"]
+              f"--target-accuracy {bench['target_accuracy']:g}",
+              f"--target-band {bench.get('target_band', 0):g}"]
     if bench.get("upper_target"):
         parts.append(f"--upper-target {bench['upper_target']:g}")
     if lrs:
@@ -92,7 +94,7 @@ def markdown_table(bench: dict[str, Any]) -> str:
     header = ["#", "algo", "p", "tau", "step",
               "speed-up vs best single" + (" [90% interval]" if repeats > 1 else ""),
               *([f"speed-up at {pct(upper)}"] if upper else []), "samples x rate",
-              f"time to {pct(bench['target_accuracy'])} (s){spread}",
+              f"time to {_headline(bench)} (s){spread}",
               *([f"time to {pct(upper)} (s)"] if upper else []), "speed-up vs sgd",
               "samples/s", "efficiency", "exchange time", "bytes/sample", "final accuracy",
               "start-up (s)", "run"]
@@ -122,6 +124,11 @@ def _why(row: dict[str, Any]) -> str:
     return "-" if sample is None or rate is None else f"{sample:.2f} x {rate:.2f}"
 
 
+def _headline(bench: dict[str, Any]) -> str:
+    """What the headline's time is to: '95%', or its band, '93-97%'."""
+    return target_label(bench["target_accuracy"], bench.get("target_band") or 0.0)
+
+
 # A speed-up whose interval's ends are further apart than this factor is flagged as unsettled.
 UNSETTLED_SPAN = 1.5
 
@@ -141,10 +148,10 @@ def _notes(bench: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         interval = (" with a 90% bootstrap interval over the repeats of both"
                     if bench.get("repeats", 1) > 1 else "")
         notes.append(f"Speed-up vs best single: the median time to "
-                     f"{pct(bench['target_accuracy'])} of the fastest one-worker reference at its "
+                     f"{_headline(bench)} of the fastest one-worker reference at its "
                      f"best rate ({single}) over each row's median time{interval}. Samples x "
                      f"rate: that speed-up split in two, the single worker's median samples "
-                     f"to {pct(bench['target_accuracy'])} over the row's (above 1: fewer "
+                     f"to {_headline(bench)} over the row's (above 1: fewer "
                      f"samples needed) times the row's median samples/s over the single "
                      f"worker's.")
     unsettled = [r["algo"] for r in rows if _unsettled(r)]
@@ -163,20 +170,22 @@ def _notes(bench: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     return [line for note in notes for line in ("", note)]
 
 
-def progress_line(index: int, total: int, run: dict[str, Any], target: float) -> str:
+def progress_line(index: int, total: int, run: dict[str, Any], target: float,
+                  band: float = 0.0) -> str:
     """The line that ends a run, e.g. '[2/5] easgd p=2 tau=10: 97% at 8.3 s, 3,710 samples/s'."""
     head = f"[{index}/{total}] {run_label(run['algo'], run['workers'], run['tau'])}: "
-    return head + result_text(run, target)
+    return head + result_text(run, target, band)
 
 
-def result_text(run: dict[str, Any], target: float) -> str:
+def result_text(run: dict[str, Any], target: float, band: float = 0.0) -> str:
     """What a finished run achieved, without the '[i/n] label: ' head."""
+    label = target_label(target, band)
     if run["time_to_target_s"] is not None:
-        reached = f"{pct(target)} at {run['time_to_target_s']:.1f} s"
+        reached = f"{label} at {run['time_to_target_s']:.1f} s"
     elif not run.get("records_complete", True):
-        reached = f"{pct(target)}: records incomplete (snapshots dropped), no time to target"
+        reached = f"{label}: records incomplete (snapshots dropped), no time to target"
     else:
-        reached = (f"{pct(target)} not reached in {run['train_seconds']:.1f} s "
+        reached = (f"{label} not reached in {run['train_seconds']:.1f} s "
                    f"(final {100 * run['final_test_accuracy']:.1f}%)")
     return f"{reached}, {run['samples_per_second']:,.0f} samples/s"
 
@@ -186,7 +195,8 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
     # The devices the runs resolved to (every GPU, else cpu): the settings line repeats them.
     devices = list(options.devices) if options.devices else specs[0].devices
     return {
-        "target_accuracy": options.target_accuracy, "upper_target": upper_target(options),
+        "target_accuracy": options.target_accuracy, "target_band": options.target_band,
+        "upper_target": upper_target(options),
         "target_hold": options.target_hold,
         "time_limit": options.time_limit, "trim_factor": options.trim_factor,
         "dataset": options.dataset, "model": options.model, "batch_size": options.batch_size,

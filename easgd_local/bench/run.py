@@ -69,7 +69,7 @@ def run_bench(options: BenchOptions,
         bench["wall_seconds"] = round(time.monotonic() - started, 1)
         # Rewritten after every run: an interrupted bench keeps what it measured.
         write_outputs(out, bench, plot=False)
-        on_done(result_text(runs[-1], options.target_accuracy))
+        on_done(result_text(runs[-1], options.target_accuracy, options.target_band))
     for note in write_outputs(out, bench, plot=True):
         log.info(note)
         on_note(note)
@@ -139,7 +139,7 @@ def _one_run(options: BenchOptions, spec: RunSpec, total: int, train_fn: TrainFn
     # Relative to the bench directory, so the directory can be moved as a whole.
     figures = run_figures({**summary, "seed": spec.config.seed}, records,
                           options.target_accuracy, str(Path("runs") / spec.name),
-                          upper=upper_target(options))
+                          upper=upper_target(options), band=options.target_band)
     if not figures["records_complete"]:
         on_note(f"{label}: snapshots were dropped, so its records are incomplete; "
                 "its time to target is left out")

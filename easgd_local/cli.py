@@ -142,11 +142,13 @@ def load_run_modules(names: tuple[str, ...] = RUN_MODULES) -> None:
 
 def bench(values: dict[str, Any], algorithm_options: dict[str, Any]) -> None:
     """Compare algorithms: each trains for --time-limit (or to --target-accuracy); writes a table and a plot."""
-    lr, lrs, quiet = values.pop("lr"), values.pop("lrs"), values.pop("quiet")
+    lr, lrs, taus = values.pop("lr"), values.pop("lrs"), values.pop("taus")
+    quiet = values.pop("quiet")
     if lr is not None and lrs is not None:
         raise ConfigError("give --lr or --lrs, not both")
     options = _bench.BenchOptions(
-        algos=_bench.parse_algos(values.pop("algos")), taus=_bench.parse_taus(values.pop("taus")),
+        algos=_bench.parse_algos(values.pop("algos")),
+        taus=_bench.parse_taus(taus) if taus is not None else None,
         lrs=_bench.parse_lrs(lrs) if lrs is not None else (None if lr is None else [lr]),
         devices=_as_list(values.pop("devices")),
         options={k: v for k, v in algorithm_options.items() if v is not None}, **values)

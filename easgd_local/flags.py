@@ -24,7 +24,7 @@ CHOICE_METAVAR = "<choice>"  # the choices themselves are listed whole in the he
 
 
 def help_facts(readme: bool = False) -> dict[str, str]:
-    """What help sentences say about the registry ({algorithms}, {lr_defaults},
+    """What help sentences say about the registry ({algorithms}, {lr_defaults}, {tau_defaults},
     {momentum_algos} in a declaration's help), as the registry is now."""
     algorithms = ("one of the table of algorithms below" if readme else
                   "; ".join(f"{a.name}: {a.summary}" for a in ALGORITHMS.values()))
@@ -32,7 +32,16 @@ def help_facts(readme: bool = False) -> dict[str, str]:
         f"{a.name} {a.default_step:g}" + (" * (1 - momentum)" if a.uses_momentum else "")
         for a in ALGORITHMS.values())
     momentum_algos = ", ".join(a.name for a in ALGORITHMS.values() if a.uses_momentum)
-    return {"algorithms": algorithms, "lr_defaults": lr_defaults, "momentum_algos": momentum_algos}
+    return {"algorithms": algorithms, "lr_defaults": lr_defaults, "tau_defaults": tau_defaults(),
+            "momentum_algos": momentum_algos}
+
+
+def tau_defaults() -> str:
+    """The default --tau in words: the most common one, and each algorithm's that differs."""
+    taus = [a.default_tau for a in ALGORITHMS.values()]
+    common = max(set(taus), key=taus.count)
+    others = [f"{a.name} {a.default_tau}" for a in ALGORITHMS.values() if a.default_tau != common]
+    return f"{common}" + (f" ({', '.join(others)})" if others else "")
 
 
 def _choices(name: str, declared: Setting) -> tuple[str, ...]:

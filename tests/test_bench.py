@@ -9,6 +9,8 @@ import pytest
 
 from easgd_local import bench, calibrate, config, launcher
 from easgd_local.cli import main
+from easgd_local.config import TrainConfig
+from easgd_local.flags import help_facts
 
 from .helpers import assert_no_leftovers, leftovers_snapshot
 from .test_bench_figures import _summary
@@ -58,6 +60,22 @@ def test_plan_expands_taus_scales_momentum_and_keeps_references_single():
                 "msgd": [("msgd", None, None, pytest.approx(0.05))],
                 "ddp": [("ddp", None, 3, 0.2)]}
     assert plan == [run for a in algos for run in expected[a]]
+
+
+def test_each_algorithm_runs_at_its_own_tau_unless_taus_is_given():
+    """train's --tau default is the algorithm's (eamsgd's differs from the rest), and the bench
+    without --taus runs each algorithm at it, so that its table measures train's defaults."""
+    assert config.ALGORITHMS["eamsgd"].default_tau != config.ALGORITHMS["easgd"].default_tau
+    for algo in ("eamsgd", "easgd", "sgd"):
+        assert TrainConfig(algo=algo).validate().tau == config.ALGORITHMS[algo].default_tau
+    assert TrainConfig(algo="eamsgd", tau=7).validate().tau == 7
+    specs = bench.check_options(bench.BenchOptions(algos=["sgd", "easgd", "eamsgd"], repeats=1))
+    assert [(s.algo, s.tau, s.config.tau) for s in specs] == [
+        ("sgd", None, None), ("easgd", 10, None), ("eamsgd", 4, None)]
+    assert [s.name for s in specs] == ["1-sgd-p1", "2-easgd-p2-tau10", "3-eamsgd-p2-tau4"]
+    given = bench.check_options(bench.BenchOptions(algos=["eamsgd"], taus=[10], repeats=1))
+    assert [(s.tau, s.config.tau) for s in given] == [(10, 10)]
+    assert help_facts()["tau_defaults"] == "10 (eamsgd 4)"  # what --tau's help says
 
 
 def test_plan_interleaves_repeats_with_their_seeds_over_the_grid():

@@ -73,7 +73,7 @@ def test_help_reads_well_at_80_columns():
     assert set(ALGORITHMS) <= words  # each choice whole, none split over two lines
     assert "<bool>" not in train_help + bench_help + _help([])  # switches take no value
     assert "[default: (" not in train_help + bench_help  # one style: [default: value]
-    assert "[default: 10]" in train_help and "[default: --lock]" in train_help
+    assert "[default: 32]" in train_help and "[default: --lock]" in train_help
     assert "median [min, max]" in " ".join(bench_help.replace("│", " ").split())
     assert "--install-completion" in _help([])
 

@@ -257,6 +257,9 @@ class Algorithm:
     # lr / (1 - momentum) (their lr is this times 1 - momentum). From the tuning sweep in the
     # README (mnist10k, cnn, batch 32).
     default_step: ClassVar[float] = 0.1
+    # The default communication period --tau: the paper's 10 unless a sweep found better
+    # (docs/bench.md); for the algorithms without one, how often the model is published.
+    default_tau: ClassVar[int] = 10
     options: ClassVar[tuple[Option, ...]] = ()
     reports: ClassVar[str] = "the center"  # the model it reports, in words
     # The shared entry that --multi-node ties between boxes (its reported model's home); None:

@@ -129,4 +129,5 @@ class EAMSGD(EASGD):
     summary = "asynchronous EASGD with Nesterov momentum (Algorithm 2)"
     local_momentum = True
     default_step = 0.4  # lr 0.04 with momentum 0.9
+    default_tau = 4  # one of the paper's periods; ahead of 10 on the 2-worker bench (docs/bench.md)
 

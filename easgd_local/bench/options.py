@@ -38,8 +38,8 @@ class BenchOptions:
              "data, model, initial weights and per-worker batch.")
     # None: train's default; single-worker algorithms always run 1
     workers: int | None = reuse(TRAIN["workers"])
-    taus: list[int] = setting(
-        [TrainConfig.tau], flag="--taus", kind=list, concern="bench",
+    taus: list[int] | None = setting(
+        None, flag="--taus", kind=list, concern="bench", default_text="each algorithm's own",
         help="Comma-separated communication periods; every algorithm that has a tau (not sgd, "
              "msgd, ddp, hogwild) runs once per value.")
     time_limit: float = reuse(
@@ -229,7 +229,8 @@ def check_values(options: BenchOptions) -> None:
     from ..algorithms import all_options
 
     check_algos(options.algos)
-    check_taus(options.taus)
+    if options.taus is not None:
+        check_taus(options.taus)
     # Checked here and not left to TrainConfig: the momentum algorithms see lr * (1 - momentum),
     # and an error about that product would not name the value the user typed.
     if options.lrs is not None:

@@ -63,7 +63,7 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
     specs: list[RunSpec] = []
     for repeat in range(options.repeats):
         for algo in options.algos:
-            for tau in (options.taus if has_tau(algo) else [None]):
+            for tau in ((options.taus or [None]) if has_tau(algo) else [None]):
                 for base_lr in (options.lrs or [None]):
                     momentum = options.momentum if uses_momentum(algo) else None
                     # With momentum delta, a constant gradient moves the weights by
@@ -73,10 +73,11 @@ def plan_runs(options: BenchOptions) -> list[RunSpec]:
                     # set the same way.)
                     lr = (base_lr * (1.0 - options.momentum) if momentum is not None else base_lr
                           ) if base_lr is not None else None
-                    # Algorithms without a communication period keep train's default tau: for
-                    # them it only sets how often the model is published for evaluation.
+                    # tau None: the algorithm's default (resolved in check_options); for those
+                    # without a communication period it only sets how often the model is
+                    # published for evaluation.
                     config = TrainConfig(
-                        algo=algo, lr=lr, tau=tau if tau is not None else TrainConfig.tau,
+                        algo=algo, lr=lr, tau=tau,
                         momentum=momentum, batch_size=options.batch_size,
                         seed=options.seed + repeat,
                         time_limit=options.time_limit, target_accuracy=options.target_accuracy,
@@ -120,6 +121,7 @@ def check_options(options: BenchOptions) -> list[RunSpec]:
         # Validate a copy: train() validates the real config again and resolves it itself.
         checked = dataclasses.replace(spec.config).validate()
         spec.workers = int(checked.workers or 1)
+        spec.tau = checked.tau if has_tau(spec.algo) else None
         spec.devices = list(checked.devices or [])
         grid = spec.lr if options.lrs and len(options.lrs) > 1 else None
         spec.name = run_name(spec.index, spec.algo, spec.workers, spec.tau, grid,

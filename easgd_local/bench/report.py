@@ -21,8 +21,9 @@ def settings_line(bench: dict[str, Any]) -> str:
     if bench.get("workers") is not None:
         parts.append(f"--workers {bench['workers']}")
     lrs = bench.get("lrs") or ([bench["lr"]] if bench.get("lr") is not None else [])
-    parts += [f"--taus {','.join(str(t) for t in bench['taus'])}",
-              f"--time-limit {bench['time_limit']:g}",
+    if bench.get("taus"):
+        parts.append(f"--taus {','.join(str(t) for t in bench['taus'])}")
+    parts += [f"--time-limit {bench['time_limit']:g}",
               f"--target-accuracy {bench['target_accuracy']:g}",
               f"--target-band {bench.get('target_band', 0):g}"]
     if bench.get("upper_target"):
@@ -200,7 +201,7 @@ def bench_header(options: BenchOptions, specs: Sequence[RunSpec]) -> dict[str, A
         "target_hold": options.target_hold,
         "time_limit": options.time_limit, "trim_factor": options.trim_factor,
         "dataset": options.dataset, "model": options.model, "batch_size": options.batch_size,
-        "algos": list(options.algos), "taus": list(options.taus),
+        "algos": list(options.algos), "taus": list(options.taus) if options.taus else None,
         "workers": multi[0].workers if multi else options.workers,
         "lr": options.lrs[0] if options.lrs else None,
         "lrs": list(options.lrs) if options.lrs else None, "momentum": options.momentum,

@@ -24,10 +24,11 @@ class AlgorithmSettings:
         default_text="the algorithm's",
         help="Learning rate eta; by default each algorithm's own, from the tuning sweeps: "
              "{lr_defaults}.")
-    tau: int = setting(
-        10, flag="--tau", kind=int, bounds=">= 1", concern="algorithm",
+    tau: int | None = setting(
+        None, flag="--tau", kind=int, bounds=">= 1", concern="algorithm",
+        default_text="the algorithm's",
         help="Communication period: an exchange every tau local steps (for sgd, msgd and ddp: "
-             "how often the model is published for evaluation).")
+             "how often the model is published for evaluation); by default {tau_defaults}.")
     beta: float | None = setting(
         None, flag="--beta", kind=float, bounds="(0, 1]", concern="algorithm",
         default_text=f"{DEFAULT_BETA:g}", help="Moving rate as beta = workers * alpha.")

@@ -63,6 +63,8 @@ class TrainConfig(OutputSettings, BoxSettings, CheckpointSettings, EvaluationSet
             if algorithm.uses_momentum else 0.0)
         if self.lr is None:
             self.lr = algorithm.default_lr(self.resolved_momentum)
+        if self.tau is None:
+            self.tau = algorithm.default_tau
         self._check_options_apply(algorithm)
         if self.multi_node and algorithm.box_center is None:
             boxed = [a.name for a in ALGORITHMS.values() if a.box_center is not None]

@@ -189,7 +189,7 @@ def test_shortened_default_run(tmp_path, capsys):
     assert "center test accuracy" in printed.out
     assert "eamsgd: 2 worker(s) on cpu" in printed.err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["algo"] == "eamsgd" and summary["workers"] == 2 and summary["tau"] == 10
+    assert summary["algo"] == "eamsgd" and summary["workers"] == 2 and summary["tau"] == 4
     assert summary["alpha"] == pytest.approx(0.45)
     assert summary["final_test_accuracy"] > 0.8
     config = json.loads((out / "config.json").read_text())

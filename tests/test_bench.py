@@ -26,8 +26,9 @@ ROW_TYPES = {
     "startup_seconds": float, "train_seconds": float, "run_dir": str, "best": bool,
     "repeats": list,
 }
-HEADER_KEYS = {"target_accuracy", "target_band", "upper_target", "time_limit", "dataset", "model", "batch_size", "runs",
-               "repeats", "lrs", "one_thread_samples_per_second", "time_to_target_method"}
+HEADER_KEYS = {"target_accuracy", "target_band", "upper_target", "time_limit", "dataset", "model",
+               "batch_size", "runs", "repeats", "lrs", "one_thread_samples_per_second",
+               "time_to_target_method"}
 
 
 def _has_type(value, types):

@@ -261,7 +261,8 @@ def test_markdown_table():
     text = bench.markdown_table(_bench_dict(rows))
     lines = text.splitlines()
     assert lines[0].startswith("Settings: `easgd-local bench --algos sgd,easgd --workers 2 --taus 10 ")
-    assert "--time-limit 60 --target-accuracy 0.95 --target-band 0 --upper-target 0.97" in lines[0] and lines[1] == ""
+    assert "--time-limit 60 --target-accuracy 0.95 --target-band 0 --upper-target 0.97" in lines[0]
+    assert lines[1] == ""
     assert "one thread trains 3,000 samples/s" in lines[0]
     table = lines[2:]
     assert len(table) == 2 + 2  # header, rule, one row per run

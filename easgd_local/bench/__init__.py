@@ -45,12 +45,11 @@ bench.json and the lines for the user) and ``run`` (the loop).
 
 from .figures import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ERROR_FLOOR, FIGURES, REFERENCE_ALGO,
                       ROW_KEYS, TIME_TO_TARGET_METHOD, band_time, bootstrap_ratio, derive_rows,
-                      read_metrics,
-                      record_spacing, run_figures, shown_rows, time_to_target)
+                      read_metrics, record_spacing, run_figures, shown_rows, time_to_target)
 from .options import (BENCH_FILE, CLI_SETTINGS, DECLARED, PLOT_FILE, TABLE_FILE, BenchOptions,
-                      band_targets, check_algos, check_lrs, check_taus, check_values, has_tau, upper_target,
+                      band_targets, check_algos, check_lrs, check_taus, check_values, has_tau,
                       options_for, parse_algos, parse_lrs, parse_taus, single_worker,
-                      target_label, uses_momentum)
+                      target_label, upper_target, uses_momentum)
 from .plan import (RunSpec, check_options, default_bench_out, faults_for, plan_runs, run_label,
                    run_name)
 from .plot import NO_MATPLOTLIB, PLOT_POINTS, error_curve, median_band, write_plot
@@ -62,11 +61,12 @@ __all__ = [
     "BENCH_FILE", "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CLI_SETTINGS", "DECLARED",
     "ERROR_FLOOR", "FIGURES", "NO_MATPLOTLIB", "PLOT_FILE", "PLOT_POINTS", "REFERENCE_ALGO",
     "ROW_KEYS", "TABLE_FILE", "TIME_TO_TARGET_METHOD", "BenchOptions", "RunSpec", "TrainFn",
-    "band_targets", "band_time", "bench_header", "bootstrap_ratio", "busy_note", "check_algos", "check_lrs", "check_options",
-    "check_taus", "check_values", "default_bench_out", "derive_rows", "error_curve", "faults_for",
-    "has_tau", "upper_target", "markdown_table", "median_band", "options_for", "parse_algos",
-    "parse_lrs", "parse_taus", "plan_runs", "progress_line", "read_metrics", "record_spacing",
-    "result_text", "run_bench", "run_figures", "trimmed_limit", "run_label", "run_name", "settings_line",
-    "shown_rows", "single_worker", "target_label", "time_to_target", "uses_momentum", "write_outputs",
+    "band_targets", "band_time", "bench_header", "bootstrap_ratio", "busy_note", "check_algos",
+    "check_lrs", "check_options", "check_taus", "check_values", "default_bench_out",
+    "derive_rows", "error_curve", "faults_for", "has_tau", "markdown_table", "median_band",
+    "options_for", "parse_algos", "parse_lrs", "parse_taus", "plan_runs", "progress_line",
+    "read_metrics", "record_spacing", "result_text", "run_bench", "run_figures", "run_label",
+    "run_name", "settings_line", "shown_rows", "single_worker", "target_label",
+    "time_to_target", "trimmed_limit", "upper_target", "uses_momentum", "write_outputs",
     "write_plot",
 ]
